@@ -1,0 +1,203 @@
+//! Runtime configuration: boot artifacts, backend, VM size, where state
+//! lives. Defaults come from the environment so tests and the CLI share them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::host::{which, HostProbe};
+use crate::hypervisor::qemu::{Accel, Qemu};
+use crate::hypervisor::{choose_backend, BackendChoice, BackendKind, Hypervisor};
+
+/// Where `guest-kernel/build.sh` and `rootfs/build.sh` leave their output.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("HUSK_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/husk"))
+}
+
+/// Backend selection in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendSetting {
+    /// Probe the host and pick the fastest backend that works.
+    Auto,
+    /// Use this backend or fail.
+    Fixed(BackendKind),
+}
+
+impl BackendSetting {
+    /// Parses `auto` or a backend name.
+    pub fn parse(s: &str) -> Result<BackendSetting> {
+        if s == "auto" {
+            return Ok(BackendSetting::Auto);
+        }
+        BackendKind::parse(s)
+            .map(BackendSetting::Fixed)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown backend {s:?}; use auto, qemu-kvm or qemu-tcg"
+                ))
+            })
+    }
+}
+
+/// Everything needed to start sandboxes.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// ELF vmlinux.
+    pub kernel: PathBuf,
+    /// initramfs with husk-agent as /init.
+    pub initramfs: PathBuf,
+    /// Backend choice.
+    pub backend: BackendSetting,
+    /// vCPUs per sandbox.
+    pub vcpus: u8,
+    /// Guest memory per sandbox, MiB.
+    pub memory_mib: u32,
+    /// QEMU binary; found in PATH when unset.
+    pub qemu_binary: Option<PathBuf>,
+    /// `husk-vsock` binary; looked for beside the running executable, then
+    /// in PATH, when unset.
+    pub vsock_backend: Option<PathBuf>,
+    /// Directory under which each sandbox gets its state directory.
+    pub run_root: PathBuf,
+    /// How long a sandbox may take from spawn to a ready agent.
+    pub boot_timeout: Duration,
+    /// Extra kernel command-line words.
+    pub kernel_params: String,
+}
+
+impl RuntimeConfig {
+    /// Defaults, overridden by `HUSK_KERNEL`, `HUSK_INITRAMFS`,
+    /// `HUSK_BACKEND`, `HUSK_RUN_DIR`, `HUSK_KERNEL_PARAMS`.
+    pub fn from_env() -> Result<RuntimeConfig> {
+        let cache = default_cache_dir();
+        let env_path = |k: &str, d: PathBuf| std::env::var_os(k).map(PathBuf::from).unwrap_or(d);
+        let backend = match std::env::var("HUSK_BACKEND") {
+            Ok(s) => BackendSetting::parse(&s)?,
+            Err(_) => BackendSetting::Auto,
+        };
+        Ok(RuntimeConfig {
+            kernel: env_path("HUSK_KERNEL", cache.join("vmlinux")),
+            initramfs: env_path("HUSK_INITRAMFS", cache.join("initramfs.cpio")),
+            backend,
+            vcpus: 1,
+            memory_mib: 256,
+            qemu_binary: None,
+            vsock_backend: None,
+            run_root: env_path("HUSK_RUN_DIR", PathBuf::from("/run/husk")),
+            boot_timeout: Duration::from_secs(30),
+            kernel_params: std::env::var("HUSK_KERNEL_PARAMS").unwrap_or_default(),
+        })
+    }
+
+    /// Which backend this config gets on this host, and why.
+    pub fn backend_choice(&self, host: &HostProbe) -> Result<BackendChoice> {
+        match self.backend {
+            BackendSetting::Auto => Ok(choose_backend(&host.kvm)),
+            BackendSetting::Fixed(BackendKind::QemuKvm) if !host.kvm.runs_linux() => {
+                Err(Error::BackendUnavailable {
+                    backend: "qemu-kvm",
+                    reason: format!("{}; use qemu-tcg or auto", host.kvm.describe()),
+                })
+            }
+            BackendSetting::Fixed(kind) => Ok(BackendChoice {
+                kind,
+                reason: "set in the configuration".into(),
+                degraded: kind == BackendKind::QemuTcg,
+            }),
+        }
+    }
+
+    /// The QEMU binary to run.
+    pub fn qemu_binary(&self) -> Result<PathBuf> {
+        match &self.qemu_binary {
+            Some(p) => Ok(p.clone()),
+            None => which("qemu-system-x86_64").ok_or_else(|| Error::Artifact {
+                what: "QEMU",
+                path: "qemu-system-x86_64".into(),
+                reason: "not found in PATH".into(),
+                hint: "install it: apt-get install qemu-system-x86",
+            }),
+        }
+    }
+
+    /// The `husk-vsock` backend binary to run.
+    pub fn vsock_backend(&self) -> Result<PathBuf> {
+        if let Some(p) = &self.vsock_backend {
+            return Ok(p.clone());
+        }
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("husk-vsock")));
+        beside
+            .filter(|p| crate::host::is_executable(p))
+            .or_else(|| which("husk-vsock"))
+            .ok_or_else(|| Error::Artifact {
+                what: "vsock backend",
+                path: "husk-vsock".into(),
+                reason: "not found beside this program nor in PATH".into(),
+                hint: "build it with `cargo build --release -p husk-vmm` or run the README set-up",
+            })
+    }
+
+    /// Builds the hypervisor this config selects on this host.
+    pub fn hypervisor(&self, host: &HostProbe) -> Result<Box<dyn Hypervisor>> {
+        let choice = self.backend_choice(host)?;
+        if choice.degraded {
+            tracing::warn!("{}", choice.reason);
+        }
+        let accel = match choice.kind {
+            BackendKind::QemuKvm => Accel::Kvm,
+            BackendKind::QemuTcg => Accel::Tcg,
+        };
+        Ok(Box::new(Qemu {
+            binary: self.qemu_binary()?,
+            vsock_backend: self.vsock_backend()?,
+            accel,
+            tsc_khz: host.tsc_khz,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::{CgroupLayout, KvmKind};
+
+    fn host(kvm: KvmKind) -> HostProbe {
+        HostProbe {
+            kvm,
+            vhost_vsock: false,
+            cgroups: CgroupLayout::V2,
+            tsc_khz: Some(1000),
+        }
+    }
+
+    #[test]
+    fn backend_setting_parsing() {
+        assert_eq!(BackendSetting::parse("auto").unwrap(), BackendSetting::Auto);
+        assert_eq!(
+            BackendSetting::parse("qemu-tcg").unwrap(),
+            BackendSetting::Fixed(BackendKind::QemuTcg)
+        );
+        let e = BackendSetting::parse("xen").unwrap_err();
+        assert!(e.to_string().contains("auto, qemu-kvm or qemu-tcg"));
+    }
+
+    #[test]
+    fn forcing_kvm_on_pvm_is_refused_with_a_reason() {
+        let mut c = RuntimeConfig::from_env().unwrap();
+        c.backend = BackendSetting::Fixed(BackendKind::QemuKvm);
+        let e = c.backend_choice(&host(KvmKind::Pvm)).unwrap_err();
+        assert!(e.to_string().contains("PVM"), "{e}");
+        assert!(c
+            .backend_choice(&host(KvmKind::Hardware { flag: "svm" }))
+            .is_ok());
+        c.backend = BackendSetting::Auto;
+        assert_eq!(
+            c.backend_choice(&host(KvmKind::Pvm)).unwrap().kind,
+            BackendKind::QemuTcg
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! Helper processes (VMM, vsock backend) owned by a sandbox: spawned so they
+//! die with their owner, waited with deadlines, always reaped.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::error::{Error, Result};
+
+/// How often a deadline wait looks at the child again.
+const POLL: Duration = Duration::from_millis(5);
+
+/// A child process that is killed and reaped when dropped.
+#[derive(Debug)]
+pub struct OwnedChild {
+    what: &'static str,
+    program: PathBuf,
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+impl OwnedChild {
+    /// Spawns `cmd`. The child gets SIGKILL if the spawning thread dies
+    /// (PR_SET_PDEATHSIG), so a crashed owner leaves no VM behind: spawn
+    /// from a thread that lives as long as the sandbox.
+    pub fn spawn(what: &'static str, mut cmd: Command) -> Result<OwnedChild> {
+        let program = PathBuf::from(cmd.get_program());
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls prctl(2) and getppid(2), both async-signal-safe; it touches no
+        // memory shared with the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died between fork and prctl.
+                if libc::getppid() == 1 {
+                    return Err(std::io::Error::other("parent exited during spawn"));
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
+            what,
+            program: program.clone(),
+            source,
+        })?;
+        Ok(OwnedChild {
+            what,
+            program,
+            child,
+            status: None,
+        })
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the child is for.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// Its exit status if it has exited (reaping it), else `None`.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().map_err(|e| {
+                Error::io(format!("waiting for {} ({:?})", self.what, self.program), e)
+            })?;
+        }
+        Ok(self.status)
+    }
+
+    /// Waits until the child exits or `timeout` passes.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait()? {
+                return Ok(Some(s));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Sends `sig` unless the child has already been reaped.
+    pub fn signal(&mut self, sig: Signal) -> Result<()> {
+        if self.try_wait()?.is_some() {
+            return Ok(());
+        }
+        match kill(Pid::from_raw(self.child.id() as i32), sig) {
+            Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
+            Err(e) => Err(Error::io(
+                format!("signalling {} ({})", self.what, self.child.id()),
+                e.into(),
+            )),
+        }
+    }
+
+    /// Asks the child to stop with SIGTERM, then SIGKILLs it after `grace`,
+    /// and reaps it. Returns its exit status.
+    pub fn terminate(&mut self, grace: Duration) -> Result<ExitStatus> {
+        self.signal(Signal::SIGTERM)?;
+        if let Some(s) = self.wait_timeout(grace)? {
+            return Ok(s);
+        }
+        self.kill()
+    }
+
+    /// SIGKILLs and reaps the child.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        if let Some(s) = self.try_wait()? {
+            return Ok(s);
+        }
+        let _ = self.child.kill();
+        let s = self
+            .child
+            .wait()
+            .map_err(|e| Error::io(format!("reaping {}", self.what), e))?;
+        self.status = Some(s);
+        Ok(s)
+    }
+}
+
+impl Drop for OwnedChild {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// Describes an exit status in words ("exit code 1", "killed by SIGKILL").
+pub fn describe_status(s: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = s.code() {
+        format!("exit code {code}")
+    } else if let Some(sig) = s.signal() {
+        match Signal::try_from(sig) {
+            Ok(sig) => format!("killed by {sig}"),
+            Err(_) => format!("killed by signal {sig}"),
+        }
+    } else {
+        format!("{s}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminate_reaps_and_reports() {
+        let mut c = OwnedChild::spawn("sleeper", {
+            let mut c = Command::new("sleep");
+            c.arg("30");
+            c
+        })
+        .unwrap();
+        assert!(c.try_wait().unwrap().is_none());
+        let s = c.terminate(Duration::from_secs(5)).unwrap();
+        assert_eq!(describe_status(s), "killed by SIGTERM");
+        // A second stop is a no-op on the reaped child.
+        assert_eq!(describe_status(c.kill().unwrap()), "killed by SIGTERM");
+    }
+
+    #[test]
+    fn exit_code_and_timeouts() {
+        let mut c = OwnedChild::spawn("false", Command::new("false")).unwrap();
+        let s = c.wait_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(describe_status(s), "exit code 1");
+        let mut c = OwnedChild::spawn("sleeper", {
+            let mut c = Command::new("sleep");
+            c.arg("30");
+            c
+        })
+        .unwrap();
+        assert!(c.wait_timeout(Duration::from_millis(20)).unwrap().is_none());
+        let pid = c.pid();
+        drop(c);
+        // Dropped means killed and reaped: the pid is gone.
+        assert!(kill(Pid::from_raw(pid as i32), None).is_err());
+    }
+
+    #[test]
+    fn missing_program_is_a_spawn_error() {
+        let e = OwnedChild::spawn("nothing", Command::new("/nonexistent/husk-x")).unwrap_err();
+        assert!(matches!(e, Error::Spawn { .. }), "{e}");
+    }
+}

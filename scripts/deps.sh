@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages husk builds and tests with (only those that
+# are missing, so a second run is quick). Needs root (or sudo).
+set -euo pipefail
+
+pkgs=(
+	qemu-system-x86     # the VMM of the QEMU backend (KVM or TCG)
+	linux-source-6.1    # guest kernel source (guest-kernel/build.sh)
+	build-essential bc flex bison libelf-dev libssl-dev # kernel build
+	busybox-static      # debug initramfs and misbehaving test guests
+	cpio xz-utils python3 # initramfs and source unpacking
+)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	echo "deps: installing ${missing[*]}" >&2
+	sudo=
+	[[ $(id -u) == 0 ]] || sudo=sudo
+	$sudo apt-get update -q >&2
+	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+command -v cargo >/dev/null || {
+	echo "deps: cargo not found: install Rust (https://rustup.rs) first" >&2
+	exit 1
+}

@@ -1,0 +1,145 @@
+//! Shared helpers of husk's end-to-end tests: where the built binaries and
+//! boot artifacts are, whether QEMU is there, and leak checks.
+//!
+//! The tests run real parts: the `husk-agent` binary, QEMU (TCG here, KVM
+//! where the host has it), the guest kernel from `guest-kernel/build.sh`
+//! and initramfs from `rootfs/build.sh`. `tests/run.sh` builds all of them
+//! first. A missing artifact fails the test with what to run; only a host
+//! without QEMU at all skips, and says so.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use husk_runtime::config::{BackendSetting, RuntimeConfig};
+use husk_runtime::host::which;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// The cargo target profile directory (`target/debug`, `target/release`)
+/// the running test or benchmark was built into.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("executable has a directory");
+    // Tests live in target/<profile>/deps, binaries in target/<profile>.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("deps has a parent");
+    }
+    dir.to_path_buf()
+}
+
+/// A workspace binary (built by `cargo build --workspace`).
+pub fn bin(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(
+        p.exists(),
+        "{p:?} is missing: run `cargo build --workspace` (tests/run.sh does) before the tests"
+    );
+    p
+}
+
+/// QEMU, or `None` after printing why the test is skipped.
+pub fn qemu_or_skip(test: &str) -> Option<PathBuf> {
+    let q = which("qemu-system-x86_64");
+    if q.is_none() {
+        eprintln!("SKIP {test}: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+    }
+    q
+}
+
+/// Path from an environment variable, or the default; must exist.
+fn artifact(var: &str, default: PathBuf, how: &str) -> PathBuf {
+    let p = std::env::var_os(var).map(PathBuf::from).unwrap_or(default);
+    assert!(
+        p.is_file(),
+        "{p:?} ({var}) is missing: {how} (tests/run.sh builds it and sets {var})"
+    );
+    p
+}
+
+/// A runtime config for end-to-end tests: the built kernel and initramfs,
+/// this build's `husk-vsock`, state under `run_root`, the auto backend.
+pub fn e2e_config(run_root: &Path) -> RuntimeConfig {
+    let mut cfg = RuntimeConfig::from_env().expect("runtime config from env");
+    cfg.kernel = artifact(
+        "HUSK_KERNEL",
+        husk_runtime::config::default_cache_dir().join("vmlinux"),
+        "build it with guest-kernel/build.sh",
+    );
+    cfg.initramfs = artifact(
+        "HUSK_INITRAMFS",
+        workspace_root().join("target/husk/initramfs.cpio"),
+        "build it with rootfs/build.sh",
+    );
+    cfg.vsock_backend = Some(bin("husk-vsock"));
+    cfg.run_root = run_root.to_path_buf();
+    cfg.backend = BackendSetting::Auto;
+    cfg
+}
+
+/// Builds an initramfs whose /init is `script` (run by busybox sh), for
+/// guests that misbehave on purpose.
+pub fn script_initramfs(dir: &Path, name: &str, script: &str) -> PathBuf {
+    let init = dir.join(format!("{name}.init"));
+    std::fs::write(&init, format!("#!/bin/sh\n{script}\n")).unwrap();
+    let out = dir.join(format!("{name}.cpio"));
+    let st = Command::new("bash")
+        .arg(workspace_root().join("rootfs/build.sh"))
+        .arg(&init)
+        .arg(&out)
+        .arg("--debug")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running rootfs/build.sh");
+    assert!(st.success(), "rootfs/build.sh failed for {name}");
+    out
+}
+
+/// Host processes whose command line mentions `needle` (e.g. a run root).
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return found };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(needle) {
+            found.push((pid, cmd));
+        }
+    }
+    found
+}
+
+/// Whether a pid is still alive (zombies count as gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Asserts nothing of a run root is left: no directory entries, no process
+/// mentioning it.
+pub fn assert_nothing_left(run_root: &Path) {
+    let entries: Vec<_> = std::fs::read_dir(run_root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(entries.is_empty(), "left behind in {run_root:?}: {entries:?}");
+    let procs = processes_mentioning(&run_root.display().to_string());
+    assert!(procs.is_empty(), "processes left behind: {procs:?}");
+}

@@ -1,0 +1,3 @@
+//! Emulated devices, one folder per device family.
+
+pub mod virtio;
