@@ -117,9 +117,13 @@ fi
 # (or break the build) without changing the cache key.
 unset MAKEFLAGS MFLAGS MAKELEVEL MAKEOVERRIDES GNUMAKEFLAGS KBUILD_OUTPUT KCONFIG_CONFIG \
 	KCFLAGS KCPPFLAGS KAFLAGS KRUSTFLAGS CROSS_COMPILE LLVM O W C V
-# Make the build itself as reproducible as Kbuild allows (no user/host/date in the banner).
+# Make the build reproducible (same inputs, any build path: byte-identical vmlinux): fixed
+# user/host/build number, and a timestamp taken from the source tarball (dpkg keeps its mtime).
+# The timestamp must be a date `date -d` parses: usr/gen_initramfs.sh also uses it as the mtime
+# of the built-in initramfs, and falls back to the current time otherwise.
 export KBUILD_BUILD_USER=husk KBUILD_BUILD_HOST=husk KBUILD_BUILD_VERSION=1
-export KBUILD_BUILD_TIMESTAMP="$SRC_PKG $SRC_VERSION"
+KBUILD_BUILD_TIMESTAMP=$(date -u -d "@$(stat -c %Y -- "$SRC_TARBALL")" '+%Y-%m-%d %H:%M:%S UTC')
+export KBUILD_BUILD_TIMESTAMP
 
 extract() {
 	rm -rf -- "$BUILD_DIR"

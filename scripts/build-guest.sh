@@ -10,7 +10,9 @@ cd "$root"
 # The agent is PID 1 of an initramfs with no libc: link it statically.
 # --target keeps the static flag off build scripts and proc macros.
 host_target=$(rustc -vV | sed -n 's/^host: //p')
-RUSTFLAGS="-C target-feature=+crt-static" \
+# libseccomp (for container seccomp profiles) is linked statically too.
+LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/$(gcc -dumpmachine) \
+	RUSTFLAGS="-C target-feature=+crt-static" \
 	cargo build --release -p husk-agent --target "$host_target" >&2
 agent="target/$host_target/release/husk-agent"
 

@@ -9,6 +9,9 @@ pkgs=(
 	build-essential bc flex bison libelf-dev libssl-dev # kernel build
 	busybox-static      # debug initramfs and misbehaving test guests
 	cpio xz-utils python3 # initramfs and source unpacking
+	libseccomp-dev      # seccomp in the guest agent (linked statically)
+	libcap-ng-dev pkg-config # building virtiofsd
+	umoci               # offline OCI images for tests
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -25,3 +28,8 @@ command -v cargo >/dev/null || {
 	echo "deps: cargo not found: install Rust (https://rustup.rs) first" >&2
 	exit 1
 }
+# virtiofsd (virtio-fs daemon) comes from crates.io.
+if ! command -v virtiofsd >/dev/null && [[ ! -x ${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd ]]; then
+	echo "deps: cargo install virtiofsd" >&2
+	cargo install --locked virtiofsd >&2
+fi

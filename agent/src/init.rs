@@ -1,15 +1,12 @@
-//! PID 1 duties: mount the pseudo filesystems a container runtime needs,
-//! reap orphans, and take the VM down when the agent cannot go on.
+//! PID 1 duties: mount the pseudo filesystems a container runtime needs
+//! and take the VM down when the agent cannot go on (reaping is in
+//! `reaper`).
 
 use std::fs;
 use std::path::Path;
 
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
 
 /// Errors of guest initialisation.
 #[derive(Debug, thiserror::Error)]
@@ -32,9 +29,6 @@ pub enum InitError {
         /// Underlying error.
         source: std::io::Error,
     },
-    /// Signal handling could not be set up.
-    #[error("setting up SIGCHLD handling failed: {0}")]
-    Signals(nix::Error),
 }
 
 /// One pseudo filesystem to mount at boot.
@@ -131,40 +125,6 @@ pub fn mount_pseudo_filesystems() -> Result<(), InitError> {
     let _ = fs::remove_file("/dev/ptmx");
     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
     Ok(())
-}
-
-/// Blocks SIGCHLD in the calling thread (call before any thread exists, so
-/// every thread inherits the mask) and returns a signalfd that reports it.
-pub fn block_sigchld() -> Result<SignalFd, InitError> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGCHLD);
-    set.thread_block().map_err(InitError::Signals)?;
-    SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC).map_err(InitError::Signals)
-}
-
-/// Reaps every exited child, forever: as PID 1 the agent inherits orphans.
-/// Runs on its own thread.
-pub fn reap_forever(sfd: SignalFd) {
-    loop {
-        match sfd.read_signal() {
-            Ok(_) => reap_all(),
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => {
-                tracing::error!("signalfd read failed, zombies will pile up: {e}");
-                return;
-            }
-        }
-    }
-}
-
-/// Collects all children that have exited so far.
-fn reap_all() {
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(status) => tracing::debug!(?status, "reaped"),
-        }
-    }
 }
 
 /// Ends the VM. Without ACPI the guest cannot power off, so the agent asks

@@ -8,7 +8,12 @@
 //! tested on the host.
 
 mod boot;
+mod container;
 mod init;
+mod io_listener;
+mod oom;
+mod reaper;
+mod sandbox;
 mod service;
 
 use std::sync::mpsc;
@@ -83,25 +88,42 @@ fn run(is_init: bool, stages: Arc<BootStages>) -> anyhow::Result<()> {
         String::new()
     };
     let opts = parse_options(&args, &cmdline)?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&opts.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ttrpc=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
-
-    if is_init {
-        let sfd = init::block_sigchld().context("guest init")?;
-        std::thread::Builder::new()
-            .name("reaper".into())
-            .spawn(move || init::reap_forever(sfd))
-            .context("starting the reaper thread")?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&opts.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ttrpc=warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    // As PID 1, log to the console through our own close-on-exec fd, not
+    // fd 2: libcontainer's child processes keep our logger, and their fd 2
+    // becomes the container's stderr.
+    match std::fs::OpenOptions::new().write(true).open("/dev/console") {
+        Ok(console) if is_init => logs.with_writer(std::sync::Mutex::new(console)).init(),
+        _ => logs.with_writer(std::io::stderr).init(),
     }
 
+    let wake = reaper::install().context("installing the SIGCHLD handler")?;
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || reaper::reap_forever(wake))
+        .context("starting the reaper thread")?;
+
+    let containers = Arc::new(container::Manager::default());
+    let oom_events = Arc::new(oom::OomEvents::default());
+    oom::spawn_watcher(containers.clone(), oom_events.clone())
+        .context("starting the OOM watcher")?;
+    let io_addr = match opts.listen.strip_prefix("unix://") {
+        Some(path) => io_listener::IoAddr::Unix(format!("{path}.io").into()),
+        None => io_listener::IoAddr::Vsock(husk_protocols::IO_VSOCK_PORT),
+    };
+    io_listener::spawn(io_addr, containers.clone()).context("starting the stdio listener")?;
+
     let (control_tx, control_rx) = mpsc::channel();
-    let svc = Arc::new(AgentService::new(stages.clone(), control_tx));
+    let svc = Arc::new(AgentService::new(
+        stages.clone(),
+        control_tx,
+        containers,
+        oom_events,
+    ));
     let health = husk_protocols::health_ttrpc::create_health(svc.clone());
     let agent = husk_protocols::agent_ttrpc::create_agent(svc);
     if let Some(path) = opts.listen.strip_prefix("unix://") {

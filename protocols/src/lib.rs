@@ -34,6 +34,58 @@ generated! {
 /// Guest vsock port on which husk-agent serves the API.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// Guest vsock port on which husk-agent accepts stdio streams. A stream
+/// starts with one header line, see [`stdio_header`].
+pub const IO_VSOCK_PORT: u32 = 1025;
+
+/// Longest stdio header line accepted, newline included.
+pub const MAX_STDIO_HEADER: usize = 512;
+
+/// The stdio stream kinds a host can attach.
+pub const STDIO_STREAMS: [&str; 4] = ["stdin", "stdout", "stderr", "tty"];
+
+/// The header a host writes first on a stdio connection:
+/// `<container_id> <exec_id or -> <stream>\n`.
+pub fn stdio_header(container_id: &str, exec_id: &str, stream: &str) -> String {
+    let exec = if exec_id.is_empty() { "-" } else { exec_id };
+    format!("{container_id} {exec} {stream}\n")
+}
+
+/// Parses a stdio header line (without its newline) into
+/// (container id, exec id or "", stream). `None` for anything malformed.
+pub fn parse_stdio_header(line: &str) -> Option<(&str, &str, &str)> {
+    let mut it = line.split(' ');
+    let (c, e, s) = (it.next()?, it.next()?, it.next()?);
+    if it.next().is_some() || c.is_empty() || e.is_empty() || !STDIO_STREAMS.contains(&s) {
+        return None;
+    }
+    Some((c, if e == "-" { "" } else { e }, s))
+}
+
 /// Version of the agent API described by these protos; bumped when an RPC
 /// changes meaning.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdio_header_round_trip() {
+        let h = stdio_header("c1", "", "stdout");
+        assert_eq!(h, "c1 - stdout\n");
+        assert_eq!(parse_stdio_header(h.trim_end()), Some(("c1", "", "stdout")));
+        assert_eq!(parse_stdio_header("c1 e2 tty"), Some(("c1", "e2", "tty")));
+        for bad in [
+            "",
+            "c1",
+            "c1 e2",
+            "c1 e2 stdweird",
+            "c1 e2 stdin x",
+            " e2 stdin",
+            "c1  stdin",
+        ] {
+            assert_eq!(parse_stdio_header(bad), None, "{bad:?}");
+        }
+    }
+}

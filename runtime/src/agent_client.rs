@@ -15,7 +15,11 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use husk_protocols::agent::{ShutdownRequest, VersionRequest, VersionResponse};
+use husk_protocols::agent::{
+    ContainerRequest, CreateContainerRequest, CreateSandboxRequest, Empty, ExecProcessRequest,
+    ProcessRequest, ShutdownRequest, SignalProcessRequest, StatsContainerResponse, StdioSpec,
+    TtyWinResizeRequest, UpdateContainerRequest, VersionRequest, VersionResponse,
+};
 use husk_protocols::agent_ttrpc::AgentClient as AgentRpc;
 use husk_protocols::health::CheckRequest;
 use husk_protocols::health_ttrpc::HealthClient;
@@ -167,6 +171,174 @@ impl AgentClient {
             })
     }
 
+    /// Mounts the shared filesystem and sets the hostname in the guest.
+    pub fn create_sandbox(&self, hostname: &str, shared_fs_tag: &str) -> Result<()> {
+        let mut r = CreateSandboxRequest::new();
+        r.hostname = hostname.to_string();
+        r.shared_fs_tag = shared_fs_tag.to_string();
+        let res = self.agent.create_sandbox(ctx(RPC_TIMEOUT), &r);
+        res.map(drop).map_err(|source| Error::Agent {
+            request: "CreateSandbox",
+            source,
+        })
+    }
+
+    /// Creates a container from a guest-side spec; returns its guest pid.
+    pub fn create_container(&self, id: &str, spec: Vec<u8>, stdio: StdioSpec) -> Result<i32> {
+        let mut r = CreateContainerRequest::new();
+        r.container_id = id.to_string();
+        r.oci_spec = spec;
+        r.stdio = Some(stdio).into();
+        let res = self.agent.create_container(ctx(RPC_TIMEOUT), &r);
+        res.map(|x| x.pid).map_err(|source| Error::Agent {
+            request: "CreateContainer",
+            source,
+        })
+    }
+
+    /// Starts a created container.
+    pub fn start_container(&self, id: &str) -> Result<()> {
+        let res = self
+            .agent
+            .start_container(ctx(RPC_TIMEOUT), &container_req(id));
+        res.map(drop).map_err(|source| Error::Agent {
+            request: "StartContainer",
+            source,
+        })
+    }
+
+    /// Runs `process` (OCI Process JSON) in a container; returns its pid.
+    pub fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: Vec<u8>,
+        stdio: StdioSpec,
+    ) -> Result<i32> {
+        let mut r = ExecProcessRequest::new();
+        r.container_id = id.to_string();
+        r.exec_id = exec_id.to_string();
+        r.process = process;
+        r.stdio = Some(stdio).into();
+        let res = self.agent.exec_process(ctx(RPC_TIMEOUT), &r);
+        res.map(|x| x.pid).map_err(|source| Error::Agent {
+            request: "ExecProcess",
+            source,
+        })
+    }
+
+    /// Signals a process (or all of a container's with `all`).
+    pub fn signal_process(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let mut r = SignalProcessRequest::new();
+        r.container_id = id.to_string();
+        r.exec_id = exec_id.to_string();
+        r.signal = signal;
+        r.all = all;
+        let res = self.agent.signal_process(ctx(RPC_TIMEOUT), &r);
+        res.map(drop).map_err(|source| Error::Agent {
+            request: "SignalProcess",
+            source,
+        })
+    }
+
+    /// Blocks (without timeout) until a process exits; returns its status.
+    pub fn wait_process(&self, id: &str, exec_id: &str) -> Result<i32> {
+        let res = self.agent.wait_process(
+            ttrpc::context::Context::default(),
+            &process_req(id, exec_id),
+        );
+        res.map(|x| x.status).map_err(|source| Error::Agent {
+            request: "WaitProcess",
+            source,
+        })
+    }
+
+    /// Removes a stopped container.
+    pub fn remove_container(&self, id: &str) -> Result<()> {
+        let res = self
+            .agent
+            .remove_container(ctx(RPC_TIMEOUT), &container_req(id));
+        res.map(drop).map_err(|source| Error::Agent {
+            request: "RemoveContainer",
+            source,
+        })
+    }
+
+    /// Guest pids of a container's processes.
+    pub fn list_processes(&self, id: &str) -> Result<Vec<i32>> {
+        let res = self
+            .agent
+            .list_processes(ctx(RPC_TIMEOUT), &container_req(id));
+        res.map(|x| x.pids).map_err(|source| Error::Agent {
+            request: "ListProcesses",
+            source,
+        })
+    }
+
+    /// Applies OCI LinuxResources (JSON).
+    pub fn update_container(&self, id: &str, resources: Vec<u8>) -> Result<()> {
+        let mut r = UpdateContainerRequest::new();
+        r.container_id = id.to_string();
+        r.resources = resources;
+        let res = self.agent.update_container(ctx(RPC_TIMEOUT), &r);
+        res.map(drop).map_err(|source| Error::Agent {
+            request: "UpdateContainer",
+            source,
+        })
+    }
+
+    /// cgroup statistics of a container.
+    pub fn stats_container(&self, id: &str) -> Result<StatsContainerResponse> {
+        let res = self
+            .agent
+            .stats_container(ctx(RPC_TIMEOUT), &container_req(id));
+        res.map_err(|source| Error::Agent {
+            request: "StatsContainer",
+            source,
+        })
+    }
+
+    /// Blocks until a container is OOM-killed; returns its id.
+    pub fn next_oom_event(&self, timeout: Duration) -> Result<String> {
+        let res = self.agent.get_oom_event(ctx(timeout), &Empty::new());
+        res.map(|e| e.container_id).map_err(|source| Error::Agent {
+            request: "GetOomEvent",
+            source,
+        })
+    }
+
+    /// Resizes a process's terminal.
+    pub fn tty_resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let mut r = TtyWinResizeRequest::new();
+        r.container_id = id.to_string();
+        r.exec_id = exec_id.to_string();
+        r.rows = rows;
+        r.cols = cols;
+        let res = self.agent.tty_win_resize(ctx(RPC_TIMEOUT), &r);
+        res.map(drop).map_err(|source| Error::Agent {
+            request: "TtyWinResize",
+            source,
+        })
+    }
+
+    /// Pauses (freezes) or resumes a container.
+    pub fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
+        let req = container_req(id);
+        let (request, res) = if paused {
+            (
+                "PauseContainer",
+                self.agent.pause_container(ctx(RPC_TIMEOUT), &req),
+            )
+        } else {
+            (
+                "ResumeContainer",
+                self.agent.resume_container(ctx(RPC_TIMEOUT), &req),
+            )
+        };
+        res.map(drop)
+            .map_err(|source| Error::Agent { request, source })
+    }
+
     /// Asks the agent to power the VM off.
     pub fn shutdown(&self, timeout: Duration) -> Result<()> {
         self.agent
@@ -177,6 +349,19 @@ impl AgentClient {
                 source,
             })
     }
+}
+
+fn container_req(id: &str) -> ContainerRequest {
+    let mut r = ContainerRequest::new();
+    r.container_id = id.to_string();
+    r
+}
+
+fn process_req(id: &str, exec_id: &str) -> ProcessRequest {
+    let mut r = ProcessRequest::new();
+    r.container_id = id.to_string();
+    r.exec_id = exec_id.to_string();
+    r
 }
 
 fn ctx(timeout: Duration) -> ttrpc::context::Context {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::host::{which, HostProbe};
+use crate::hypervisor::husk_vmm::HuskVmm;
 use crate::hypervisor::qemu::{Accel, Qemu};
 use crate::hypervisor::{choose_backend, BackendChoice, BackendKind, Hypervisor};
 
@@ -35,7 +36,7 @@ impl BackendSetting {
             .map(BackendSetting::Fixed)
             .ok_or_else(|| {
                 Error::Config(format!(
-                    "unknown backend {s:?}; use auto, qemu-kvm or qemu-tcg"
+                    "unknown backend {s:?}; use auto, qemu-kvm or qemu-tcg (or husk-vmm)"
                 ))
             })
     }
@@ -59,12 +60,21 @@ pub struct RuntimeConfig {
     /// `husk-vsock` binary; looked for beside the running executable, then
     /// in PATH, when unset.
     pub vsock_backend: Option<PathBuf>,
+    /// `husk-vmm` binary; looked for beside the running executable, then in
+    /// PATH, when unset (`HUSK_VMM`).
+    pub husk_vmm: Option<PathBuf>,
     /// Directory under which each sandbox gets its state directory.
     pub run_root: PathBuf,
     /// How long a sandbox may take from spawn to a ready agent.
     pub boot_timeout: Duration,
     /// Extra kernel command-line words.
     pub kernel_params: String,
+    /// Share a directory with the guest over virtio-fs (needed for
+    /// containers).
+    pub shared_fs: bool,
+    /// virtiofsd binary; found in PATH, `~/.cargo/bin` or `/usr/libexec`
+    /// when unset.
+    pub virtiofsd: Option<PathBuf>,
 }
 
 impl RuntimeConfig {
@@ -85,16 +95,30 @@ impl RuntimeConfig {
             memory_mib: 256,
             qemu_binary: None,
             vsock_backend: None,
+            husk_vmm: std::env::var_os("HUSK_VMM").map(PathBuf::from),
             run_root: env_path("HUSK_RUN_DIR", PathBuf::from("/run/husk")),
             boot_timeout: Duration::from_secs(30),
             kernel_params: std::env::var("HUSK_KERNEL_PARAMS").unwrap_or_default(),
+            shared_fs: true,
+            virtiofsd: std::env::var_os("HUSK_VIRTIOFSD").map(PathBuf::from),
         })
     }
 
     /// Which backend this config gets on this host, and why.
     pub fn backend_choice(&self, host: &HostProbe) -> Result<BackendChoice> {
         match self.backend {
-            BackendSetting::Auto => Ok(choose_backend(&host.kvm)),
+            // husk-vmm has no virtio-fs yet: auto picks it only for VMs
+            // that share no directory.
+            BackendSetting::Auto => Ok(choose_backend(
+                &host.kvm,
+                !self.shared_fs && self.husk_vmm().is_ok(),
+            )),
+            BackendSetting::Fixed(BackendKind::HuskVmm) if !host.kvm.runs_linux() => {
+                Err(Error::BackendUnavailable {
+                    backend: "husk-vmm",
+                    reason: format!("{}; use qemu-tcg or auto", host.kvm.describe()),
+                })
+            }
             BackendSetting::Fixed(BackendKind::QemuKvm) if !host.kvm.runs_linux() => {
                 Err(Error::BackendUnavailable {
                     backend: "qemu-kvm",
@@ -141,6 +165,39 @@ impl RuntimeConfig {
             })
     }
 
+    /// The `husk-vmm` binary to run.
+    pub fn husk_vmm(&self) -> Result<PathBuf> {
+        if let Some(p) = &self.husk_vmm {
+            return Ok(p.clone());
+        }
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("husk-vmm")));
+        beside
+            .filter(|p| crate::host::is_executable(p))
+            .or_else(|| which("husk-vmm"))
+            .ok_or_else(|| Error::Artifact {
+                what: "husk-vmm",
+                path: "husk-vmm".into(),
+                reason: "not found beside this program nor in PATH".into(),
+                hint: "build it with `cargo build --release -p husk-vmm`",
+            })
+    }
+
+    /// The virtiofsd binary, if one can be found.
+    pub fn virtiofsd(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.virtiofsd {
+            return Some(p.clone());
+        }
+        which("virtiofsd").or_else(|| {
+            let home = std::env::var_os("HOME").map(PathBuf::from);
+            home.map(|h| h.join(".cargo/bin/virtiofsd"))
+                .into_iter()
+                .chain([PathBuf::from("/usr/libexec/virtiofsd")])
+                .find(|p| crate::host::is_executable(p))
+        })
+    }
+
     /// Builds the hypervisor this config selects on this host.
     pub fn hypervisor(&self, host: &HostProbe) -> Result<Box<dyn Hypervisor>> {
         let choice = self.backend_choice(host)?;
@@ -150,10 +207,16 @@ impl RuntimeConfig {
         let accel = match choice.kind {
             BackendKind::QemuKvm => Accel::Kvm,
             BackendKind::QemuTcg => Accel::Tcg,
+            BackendKind::HuskVmm => {
+                return Ok(Box::new(HuskVmm {
+                    binary: self.husk_vmm()?,
+                }))
+            }
         };
         Ok(Box::new(Qemu {
             binary: self.qemu_binary()?,
             vsock_backend: self.vsock_backend()?,
+            virtiofsd: self.virtiofsd(),
             accel,
             tsc_khz: host.tsc_khz,
         }))

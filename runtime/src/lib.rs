@@ -7,14 +7,19 @@
 //! containerd shim and the `husk` CLI are both built on it.
 
 pub mod agent_client;
+pub mod bundle;
 pub mod config;
+pub mod container;
 pub mod error;
 pub mod host;
 pub mod hypervisor;
 pub mod kernel_cmdline;
 pub mod process;
 pub mod sandbox;
+pub mod shared_fs;
+pub mod stdio;
 
 pub use config::RuntimeConfig;
 pub use error::{Error, Result};
 pub use sandbox::Sandbox;
+pub use stdio::Stdio;

@@ -6,17 +6,21 @@
 //! started and removes the directory. Stop asks the agent to power off,
 //! waits briefly, then kills. Dropping a sandbox kills it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use husk_protocols::agent::VersionResponse;
 
-use crate::agent_client::{wait_for_agent, AgentClient, RPC_TIMEOUT};
+use crate::agent_client::{hybrid_connect, wait_for_agent, AgentClient, RPC_TIMEOUT};
 use crate::config::RuntimeConfig;
+use crate::container::ContainerState;
 use crate::error::{Error, Result};
 use crate::host::HostProbe;
-use crate::hypervisor::{BackendKind, Vm, VmExit, VmSpec};
+use crate::hypervisor::{BackendKind, Vm, VmExit, VmSpec, SHARED_FS_TAG};
 use crate::kernel_cmdline::KernelCmdline;
+use crate::shared_fs::SharedDir;
 
 /// Guest vsock CID of every sandbox (each VM has its own vsock backend, so
 /// CIDs never meet).
@@ -62,8 +66,11 @@ pub struct Sandbox {
     dir: PathBuf,
     vm: Option<Box<dyn Vm>>,
     agent: AgentClient,
+    uds: PathBuf,
     backend: BackendKind,
     ready_after: Duration,
+    shared: Option<SharedDir>,
+    containers: Mutex<HashMap<String, ContainerState>>,
 }
 
 impl Sandbox {
@@ -83,6 +90,11 @@ impl Sandbox {
             }
         })?;
         let guard = DirGuard(Some(dir.clone()));
+        let mut shared = if cfg.shared_fs {
+            Some(SharedDir::create(&dir.join("shared"))?)
+        } else {
+            None
+        };
 
         let mut cmdline = KernelCmdline::husk_default();
         cmdline.extend_raw(&cfg.kernel_params)?;
@@ -97,6 +109,7 @@ impl Sandbox {
             guest_cid: GUEST_CID,
             run_dir: dir.clone(),
             console_log: console_log.clone(),
+            shared_dir: shared.as_ref().map(|s| s.path().to_path_buf()),
         };
         let mut vm = hv.start(&spec)?;
         let deadline = t0 + cfg.boot_timeout;
@@ -114,9 +127,16 @@ impl Sandbox {
                 }),
             },
         );
+        let res = res.and_then(|agent| {
+            let tag = if shared.is_some() { SHARED_FS_TAG } else { "" };
+            agent.create_sandbox(id, tag).map(|()| agent)
+        });
         let agent = match res {
             Ok(a) => a,
             Err(e) => {
+                if let Some(s) = shared.as_mut() {
+                    s.teardown();
+                }
                 let _ = vm.kill();
                 let tail = console_excerpt(&console_log);
                 return Err(match e {
@@ -140,8 +160,11 @@ impl Sandbox {
             dir,
             vm: Some(vm),
             agent,
+            uds,
             backend: hv.kind(),
             ready_after: t0.elapsed(),
+            shared,
+            containers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -168,6 +191,30 @@ impl Sandbox {
     /// The connected agent.
     pub fn agent(&self) -> &AgentClient {
         &self.agent
+    }
+
+    /// The hybrid-vsock socket of the VM.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.uds.clone()
+    }
+
+    /// A new, separate connection to the agent (for calls that block).
+    pub fn dial_agent(&self) -> Result<AgentClient> {
+        let s = hybrid_connect(&self.uds, husk_protocols::AGENT_VSOCK_PORT, RPC_TIMEOUT)?
+            .ok_or_else(|| Error::Handshake {
+                path: self.uds.clone(),
+                reason: "the agent refused a new connection".into(),
+            })?;
+        AgentClient::from_stream(s)
+    }
+
+    /// The host side of the shared directory, if the sandbox has one.
+    pub fn shared_dir(&self) -> Option<&Path> {
+        self.shared.as_ref().map(SharedDir::path)
+    }
+
+    pub(crate) fn containers(&self) -> MutexGuard<'_, HashMap<String, ContainerState>> {
+        self.containers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Host pids of the VM's processes.
@@ -208,8 +255,20 @@ impl Sandbox {
         }
         let ended = vm.wait_exit(SHUTDOWN_GRACE)?;
         let killed = vm.kill()?;
-        remove_dir(&self.dir);
+        self.release_host_state();
         Ok(ended.unwrap_or(killed))
+    }
+}
+
+impl Sandbox {
+    /// Unmounts container rootfs and volumes and the share, and removes the
+    /// state directory. Called once the VM is gone.
+    fn release_host_state(&mut self) {
+        self.containers().clear();
+        if let Some(mut s) = self.shared.take() {
+            s.teardown();
+        }
+        remove_dir(&self.dir);
     }
 }
 
@@ -217,7 +276,7 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         if let Some(mut vm) = self.vm.take() {
             let _ = vm.kill();
-            remove_dir(&self.dir);
+            self.release_host_state();
         }
     }
 }
@@ -265,7 +324,10 @@ mod tests {
         text.push_str(&"trace\n".repeat(30));
         std::fs::write(&p, &text).unwrap();
         let e = console_excerpt(&p);
-        assert!(e.starts_with("line14\n") && e.ends_with("Attempted to kill init!"), "{e}");
+        assert!(
+            e.starts_with("line14\n") && e.ends_with("Attempted to kill init!"),
+            "{e}"
+        );
         std::fs::write(&p, "a\nb\n").unwrap();
         assert_eq!(console_excerpt(&p), "a\nb");
     }

@@ -47,7 +47,9 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn qemu_or_skip(test: &str) -> Option<PathBuf> {
     let q = which("qemu-system-x86_64");
     if q.is_none() {
-        eprintln!("SKIP {test}: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
+        eprintln!(
+            "SKIP {test}: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
+        );
     }
     q
 }
@@ -103,13 +105,19 @@ pub fn script_initramfs(dir: &Path, name: &str, script: &str) -> PathBuf {
 /// Host processes whose command line mentions `needle` (e.g. a run root).
 pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     let mut found = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return found };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return found;
+    };
     for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if pid == std::process::id() {
             continue;
         }
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
         if cmd.contains(needle) {
             found.push((pid, cmd));
@@ -130,7 +138,9 @@ pub fn alive(pid: u32) -> bool {
 
 /// Open file descriptors of this process.
 pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Asserts nothing of a run root is left: no directory entries, no process
@@ -139,7 +149,62 @@ pub fn assert_nothing_left(run_root: &Path) {
     let entries: Vec<_> = std::fs::read_dir(run_root)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    assert!(entries.is_empty(), "left behind in {run_root:?}: {entries:?}");
+    assert!(
+        entries.is_empty(),
+        "left behind in {run_root:?}: {entries:?}"
+    );
     let procs = processes_mentioning(&run_root.display().to_string());
     assert!(procs.is_empty(), "processes left behind: {procs:?}");
+    let mounts = mounts_under(run_root);
+    assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+}
+
+/// The busybox OCI image layout (built once by tests/images/busybox.sh).
+pub fn busybox_layout() -> PathBuf {
+    let layout = workspace_root().join("target/husk/busybox-oci");
+    let st = Command::new("bash")
+        .arg(workspace_root().join("tests/images/busybox.sh"))
+        .arg(&layout)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running tests/images/busybox.sh");
+    assert!(
+        st.success(),
+        "building the busybox image failed (needs umoci, busybox-static)"
+    );
+    layout
+}
+
+/// Unpacks the busybox image into `dir/name` (an OCI bundle) and sets the
+/// process args and terminal flag; `edit` may change the spec further.
+pub fn busybox_bundle(
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+    terminal: bool,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> PathBuf {
+    let layout = busybox_layout();
+    let bundle = dir.join(name);
+    let st = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:latest", layout.display()))
+        .arg(&bundle)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running umoci");
+    assert!(st.success(), "umoci unpack failed");
+    let cfg_path = bundle.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["process"]["args"] = serde_json::json!(args);
+    cfg["process"]["terminal"] = serde_json::json!(terminal);
+    edit(&mut cfg);
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    bundle
+}
+
+/// Mount points at or under `path` in this mount namespace.
+pub fn mounts_under(path: &Path) -> Vec<String> {
+    husk_runtime::shared_fs::mounts_under(path)
 }

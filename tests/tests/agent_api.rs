@@ -18,7 +18,10 @@ fn agent_serves_health_version_and_shutdown_over_ttrpc() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
-        assert!(Instant::now() < deadline, "agent did not listen on {sock:?}");
+        assert!(
+            Instant::now() < deadline,
+            "agent did not listen on {sock:?}"
+        );
         assert!(agent.try_wait().unwrap().is_none(), "agent exited early");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -35,7 +38,10 @@ fn agent_serves_health_version_and_shutdown_over_ttrpc() {
         if let Some(s) = agent.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "agent did not exit after Shutdown");
+        assert!(
+            Instant::now() < deadline,
+            "agent did not exit after Shutdown"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "{status}");

@@ -24,7 +24,10 @@ fn missing_kernel() {
     cfg.kernel = run.path().join("no-such-vmlinux");
     let (e, took) = failing_start(&cfg, "nokernel");
     let msg = e.to_string();
-    assert!(msg.contains("guest kernel") && msg.contains("guest-kernel/build.sh"), "{msg}");
+    assert!(
+        msg.contains("guest kernel") && msg.contains("guest-kernel/build.sh"),
+        "{msg}"
+    );
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
@@ -96,7 +99,10 @@ fn agent_that_never_listens_times_out() {
     let msg = e.to_string();
     assert!(matches!(e, Error::AgentTimeout { .. }), "{msg}");
     assert!(msg.contains("mute agent"), "console tail missing: {msg}");
-    assert!(took >= Duration::from_secs(6) && took < Duration::from_secs(15), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(6) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
 }
 
 #[test]
@@ -109,7 +115,10 @@ fn vsock_backend_that_fails_to_start() {
     cfg.vsock_backend = Some("/bin/false".into());
     let (e, took) = failing_start(&cfg, "nobackend");
     let msg = e.to_string();
-    assert!(msg.contains("vsock backend exited unexpectedly (exit code 1)"), "{msg}");
+    assert!(
+        msg.contains("vsock backend exited unexpectedly (exit code 1)"),
+        "{msg}"
+    );
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
 

@@ -28,7 +28,7 @@ fn sandbox_boots_to_agent_version_and_stops_clean() {
     assert!(v.boottime_ns >= ns[2]);
     assert!(sb.agent().check(Duration::from_secs(5)).unwrap());
     let pids = sb.pids();
-    assert_eq!(pids.len(), 2);
+    assert_eq!(pids.len(), 3, "QEMU, husk-vsock, virtiofsd");
     let dir = sb.dir().to_path_buf();
     assert!(dir.join("console.log").exists());
     let exit = sb.stop().unwrap();
@@ -64,7 +64,11 @@ fn twenty_start_stop_cycles_leave_nothing_behind() {
         assert_nothing_left(run.path());
     }
     eprintln!("20 cycles in {:.1} s", t0.elapsed().as_secs_f64());
-    assert_eq!(open_fds(), fds_before, "file descriptors leaked in the runtime");
+    assert_eq!(
+        open_fds(),
+        fds_before,
+        "file descriptors leaked in the runtime"
+    );
 }
 
 #[test]

@@ -21,12 +21,18 @@ fn check_boot_prints_agent_version_and_ok_verdict() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains(&format!("agent:         husk-agent {}", env!("CARGO_PKG_VERSION"))),
+        stdout.contains(&format!(
+            "agent:         husk-agent {}",
+            env!("CARGO_PKG_VERSION")
+        )),
         "{stdout}"
     );
     assert!(stdout.contains("guest kernel:  6.1."), "{stdout}");
     let last = stdout.lines().last().unwrap_or_default();
-    assert!(last.starts_with("verdict: OK: husk can run sandboxes here with qemu-"), "{last}");
+    assert!(
+        last.starts_with("verdict: OK: husk can run sandboxes here with qemu-"),
+        "{last}"
+    );
     husk_tests::assert_nothing_left(run.path());
 }
 
@@ -42,8 +48,18 @@ fn check_without_artifacts_says_not_ready_and_fails() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stderr.contains("kernel missing: run guest-kernel/build.sh"), "{stderr}");
-    assert!(stdout.lines().last().unwrap().starts_with("verdict: NOT READY"), "{stdout}");
+    assert!(
+        stderr.contains("kernel missing: run guest-kernel/build.sh"),
+        "{stderr}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("verdict: NOT READY"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -48,7 +48,12 @@ impl Daemon {
             .arg("--uds")
             .arg(&uds)
             .args(["--guest-cid", &GUEST_CID.to_string(), "--log-level", "info"])
-            .stderr(Stdio::inherit())
+            // Set HUSK_TEST_LOG=1 to see the daemon's log.
+            .stderr(if std::env::var_os("HUSK_TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .unwrap();
         let d = Daemon {
@@ -113,6 +118,17 @@ fn bad_arguments_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("guest-cid"));
     let out = run_cmd(&["--socket", "/tmp/a", "--uds", "/tmp/b", "--bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run_cmd(&["--socket", "/tmp/same", "--uds", "/tmp/same"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run_cmd(&[
+        "--socket",
+        "/tmp/a",
+        "--uds",
+        "/tmp/b",
+        "--log-level",
+        "a=b=c",
+    ]);
     assert_eq!(out.status.code(), Some(2));
 }
 

@@ -5,6 +5,7 @@
 //! ended. Everything else (agent dialing, deadlines, cleanup of the sandbox
 //! directory) is the sandbox's job, shared by all backends.
 
+pub mod husk_vmm;
 pub mod qemu;
 
 use std::path::PathBuf;
@@ -23,6 +24,8 @@ pub enum BackendKind {
     QemuKvm,
     /// QEMU with TCG (software emulation): slow, but runs on any host.
     QemuTcg,
+    /// husk-vmm, our own KVM micro-VMM (hardware KVM only).
+    HuskVmm,
 }
 
 impl BackendKind {
@@ -31,6 +34,7 @@ impl BackendKind {
         match self {
             BackendKind::QemuKvm => "qemu-kvm",
             BackendKind::QemuTcg => "qemu-tcg",
+            BackendKind::HuskVmm => "husk-vmm",
         }
     }
 
@@ -39,6 +43,7 @@ impl BackendKind {
         match s {
             "qemu-kvm" => Some(BackendKind::QemuKvm),
             "qemu-tcg" => Some(BackendKind::QemuTcg),
+            "husk-vmm" => Some(BackendKind::HuskVmm),
             _ => None,
         }
     }
@@ -55,9 +60,16 @@ pub struct BackendChoice {
     pub degraded: bool,
 }
 
-/// Picks the backend for this host's KVM kind when the config says `auto`.
-pub fn choose_backend(kvm: &KvmKind) -> BackendChoice {
+/// Picks the backend for this host's KVM kind when the config says `auto`:
+/// husk-vmm on hardware KVM when its binary is available (`husk_vmm`),
+/// else QEMU+KVM there, and QEMU TCG everywhere else.
+pub fn choose_backend(kvm: &KvmKind, husk_vmm: bool) -> BackendChoice {
     match kvm {
+        KvmKind::Hardware { flag } if husk_vmm => BackendChoice {
+            kind: BackendKind::HuskVmm,
+            reason: format!("hardware virtualization ({flag}) and husk-vmm are available"),
+            degraded: false,
+        },
         KvmKind::Hardware { flag } => BackendChoice {
             kind: BackendKind::QemuKvm,
             reason: format!("hardware virtualization ({flag}) is available"),
@@ -95,7 +107,13 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// Where the guest serial console is written.
     pub console_log: PathBuf,
+    /// Host directory shared with the guest over virtio-fs (tag
+    /// [`SHARED_FS_TAG`]), if any.
+    pub shared_dir: Option<PathBuf>,
 }
+
+/// virtio-fs tag of the sandbox's shared directory.
+pub const SHARED_FS_TAG: &str = "husk";
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,15 +152,18 @@ mod tests {
 
     #[test]
     fn auto_picks_kvm_only_with_hardware_virtualization() {
-        let hw = choose_backend(&KvmKind::Hardware { flag: "vmx" });
+        let hw = choose_backend(&KvmKind::Hardware { flag: "vmx" }, false);
         assert_eq!(hw.kind, BackendKind::QemuKvm);
+        assert!(!hw.degraded);
+        let hw = choose_backend(&KvmKind::Hardware { flag: "svm" }, true);
+        assert_eq!(hw.kind, BackendKind::HuskVmm);
         assert!(!hw.degraded);
         for k in [
             KvmKind::Pvm,
             KvmKind::Unknown,
             KvmKind::Absent { reason: "x".into() },
         ] {
-            let c = choose_backend(&k);
+            let c = choose_backend(&k, true);
             assert_eq!(c.kind, BackendKind::QemuTcg);
             assert!(c.degraded);
             assert!(c.reason.contains("TCG"));
@@ -151,7 +172,11 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for k in [BackendKind::QemuKvm, BackendKind::QemuTcg] {
+        for k in [
+            BackendKind::QemuKvm,
+            BackendKind::QemuTcg,
+            BackendKind::HuskVmm,
+        ] {
             assert_eq!(BackendKind::parse(k.name()), Some(k));
         }
         assert_eq!(BackendKind::parse("firecracker"), None);

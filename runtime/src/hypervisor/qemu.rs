@@ -48,6 +48,8 @@ pub struct QemuCommand {
     pub console_log: PathBuf,
     /// vhost-user socket of the vsock backend.
     pub vsock_socket: PathBuf,
+    /// vhost-user socket of virtiofsd, when the sandbox shares a directory.
+    pub fs_socket: Option<PathBuf>,
 }
 
 impl QemuCommand {
@@ -93,6 +95,16 @@ impl QemuCommand {
             format!("socket,id=vsock0,path={}", p(&self.vsock_socket)),
         );
         push("-device", "vhost-user-vsock-device,chardev=vsock0".into());
+        if let Some(fs) = &self.fs_socket {
+            push("-chardev", format!("socket,id=fs0,path={}", p(fs)));
+            push(
+                "-device",
+                format!(
+                    "vhost-user-fs-device,chardev=fs0,tag={}",
+                    crate::hypervisor::SHARED_FS_TAG
+                ),
+            );
+        }
         for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
             a.push(flag.into());
         }
@@ -111,6 +123,8 @@ pub struct Qemu {
     pub binary: PathBuf,
     /// The `husk-vsock` vhost-user backend binary.
     pub vsock_backend: PathBuf,
+    /// virtiofsd, for sandboxes that share a directory.
+    pub virtiofsd: Option<PathBuf>,
     /// KVM or TCG.
     pub accel: Accel,
     /// TSC frequency for `tsc_early_khz=` (microvm cannot calibrate).
@@ -147,6 +161,40 @@ fn check_file(what: &'static str, path: &Path, hint: &'static str) -> Result<()>
         reason,
         hint,
     })
+}
+
+impl Qemu {
+    /// Starts virtiofsd sharing `dir` on `sock` and waits for its socket.
+    /// It runs in its own mount namespace (`--sandbox namespace`); mounts
+    /// added under `dir` later reach it because `dir` is a shared mount
+    /// (see `shared_fs`).
+    fn spawn_virtiofsd(&self, dir: &Path, sock: &Path, run_dir: &Path) -> Result<OwnedChild> {
+        let bin = self.virtiofsd.clone().ok_or_else(|| Error::Artifact {
+            what: "virtiofsd",
+            path: "virtiofsd".into(),
+            reason: "not found".into(),
+            hint: "install it: cargo install virtiofsd (needs libcap-ng-dev libseccomp-dev)",
+        })?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--socket-path")
+            .arg(sock)
+            .arg("--shared-dir")
+            .arg(dir)
+            .args([
+                "--sandbox",
+                "namespace",
+                "--cache",
+                "auto",
+                "--announce-submounts",
+            ])
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(&run_dir.join("virtiofsd.log"))?);
+        let mut child = OwnedChild::spawn("virtiofsd", cmd)?;
+        wait_for_socket(&mut child, sock, BACKEND_READY_TIMEOUT)?;
+        Ok(child)
+    }
 }
 
 impl Hypervisor for Qemu {
@@ -191,6 +239,14 @@ impl Hypervisor for Qemu {
             .stderr(log_file(&spec.run_dir.join("vsock.log"))?);
         let mut backend = OwnedChild::spawn("vsock backend", backend_cmd)?;
         wait_for_socket(&mut backend, &vhost_sock, BACKEND_READY_TIMEOUT)?;
+        let (virtiofsd, fs_socket) = match &spec.shared_dir {
+            Some(dir) => {
+                let sock = spec.run_dir.join("virtiofs.sock");
+                let child = self.spawn_virtiofsd(dir, &sock, &spec.run_dir)?;
+                (Some(child), Some(sock))
+            }
+            None => (None, None),
+        };
 
         let cmd = QemuCommand {
             name: format!("husk-{}", spec.id),
@@ -202,6 +258,7 @@ impl Hypervisor for Qemu {
             append,
             console_log: spec.console_log.clone(),
             vsock_socket: vhost_sock,
+            fs_socket,
         };
         let mut qemu_cmd = Command::new(&self.binary);
         qemu_cmd
@@ -214,6 +271,7 @@ impl Hypervisor for Qemu {
         Ok(Box::new(QemuVm {
             qemu,
             backend,
+            virtiofsd,
             uds,
             run_dir: spec.run_dir.clone(),
         }))
@@ -254,6 +312,7 @@ fn wait_for_socket(owner: &mut OwnedChild, sock: &Path, timeout: Duration) -> Re
 struct QemuVm {
     qemu: OwnedChild,
     backend: OwnedChild,
+    virtiofsd: Option<OwnedChild>,
     uds: PathBuf,
     run_dir: PathBuf,
 }
@@ -296,6 +355,18 @@ impl Vm for QemuVm {
                 status: None,
             }));
         }
+        if let Some(fs) = self.virtiofsd.as_mut() {
+            if let Some(s) = fs.try_wait()? {
+                if self.qemu.wait_timeout(BACKEND_EXIT_GRACE)?.is_some() {
+                    return self.try_exit();
+                }
+                let log = self.log_tail("virtiofsd.log");
+                return Ok(Some(VmExit {
+                    reason: format!("virtiofsd exited ({}): {log}", describe_status(s)),
+                    status: None,
+                }));
+            }
+        }
         Ok(None)
     }
 
@@ -331,7 +402,9 @@ impl Vm for QemuVm {
     }
 
     fn pids(&self) -> Vec<u32> {
-        vec![self.qemu.pid(), self.backend.pid()]
+        let mut p = vec![self.qemu.pid(), self.backend.pid()];
+        p.extend(self.virtiofsd.as_ref().map(OwnedChild::pid));
+        p
     }
 }
 
@@ -351,6 +424,7 @@ mod tests {
             append: "console=ttyS0 quiet".into(),
             console_log: "/run/x/console.log".into(),
             vsock_socket: "/run/x/vhost-vsock.sock".into(),
+            fs_socket: None,
         }
     }
 
@@ -385,6 +459,15 @@ mod tests {
     }
 
     #[test]
+    fn shared_directory_becomes_a_vhost_user_fs_device() {
+        let mut c = cmd(Accel::Tcg);
+        c.fs_socket = Some("/run/x/virtiofs.sock".into());
+        let a = c.args();
+        assert!(value_of(&a, "-chardev").contains(&"socket,id=fs0,path=/run/x/virtiofs.sock"));
+        assert!(value_of(&a, "-device").contains(&"vhost-user-fs-device,chardev=fs0,tag=husk"));
+    }
+
+    #[test]
     fn accel_and_cpu_model_follow_the_backend() {
         let a = cmd(Accel::Tcg).args();
         assert_eq!(value_of(&a, "-accel"), ["tcg,thread=multi"]);
@@ -405,6 +488,7 @@ mod tests {
             guest_cid: 3,
             run_dir: "/nonexistent".into(),
             console_log: "/nonexistent/console.log".into(),
+            shared_dir: None,
         }
     }
 
@@ -413,6 +497,7 @@ mod tests {
         let q = Qemu {
             binary: "qemu".into(),
             vsock_backend: "husk-vsock".into(),
+            virtiofsd: None,
             accel: Accel::Tcg,
             tsc_khz: Some(2_600_000),
         };
@@ -435,6 +520,7 @@ mod tests {
         let q = Qemu {
             binary: "/nonexistent/qemu".into(),
             vsock_backend: "/nonexistent/husk-vsock".into(),
+            virtiofsd: None,
             accel: Accel::Tcg,
             tsc_khz: None,
         };

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use husk_runtime::config::BackendSetting;
 use husk_runtime::host::HostProbe;
 use husk_runtime::hypervisor::BackendKind;
-use husk_runtime::config::BackendSetting;
 use husk_runtime::Sandbox;
 
 /// Proportional set size of a process in KiB, from smaps_rollup.
@@ -45,7 +45,12 @@ fn main() -> anyhow::Result<()> {
     for b in backends {
         let mut cfg = husk_tests::e2e_config(run.path());
         cfg.backend = BackendSetting::Fixed(b);
-        let mut row = Row { backend: b.name(), ready_ms: vec![], guest_ms: vec![], pss_mib: vec![] };
+        let mut row = Row {
+            backend: b.name(),
+            ready_ms: vec![],
+            guest_ms: vec![],
+            pss_mib: vec![],
+        };
         // One unmeasured warm-up boot (page cache, first-exec costs).
         Sandbox::start(&cfg, &host, "warmup")?.stop()?;
         for i in 0..runs {
@@ -77,7 +82,11 @@ fn main() -> anyhow::Result<()> {
             r.ready_ms.len(),
             percentile(&r.ready_ms, 0.5),
             percentile(&r.ready_ms, 0.9),
-            if r.guest_ms.is_empty() { f64::NAN } else { percentile(&r.guest_ms, 0.5) },
+            if r.guest_ms.is_empty() {
+                f64::NAN
+            } else {
+                percentile(&r.guest_ms, 0.5)
+            },
             percentile(&r.pss_mib, 0.5),
         );
     }

@@ -46,6 +46,10 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.socket == args.uds {
+        eprintln!("husk-vsock: --socket and --uds must be different paths");
+        return ExitCode::from(2);
+    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
         Ok(f) => f,
         Err(e) => {

@@ -20,6 +20,8 @@
 //!   and write `CONNECT <port>\n`; guest connections to CID 2 port P land on `<uds>_P`.
 //! - [`vhost_user`]: the glue that serves [`device::VsockDevice`] to a vhost-user frontend
 //!   (QEMU's `vhost-user-vsock-device`) with the `vhost-user-backend` crate.
+//! - [`virtio_mmio`]: the glue that serves it in-process behind husk-vmm's virtio-mmio
+//!   transport, with the muxer's fd on the VMM's event loop.
 //!
 //! What wakes it: the backend owns one epoll fd (the listener, every host stream, a timer).
 //! The embedding event loop polls that fd and calls [`VsockEpollListener::notify`], then lets the
@@ -36,6 +38,7 @@ pub mod packet;
 pub mod test_utils;
 pub mod unix;
 pub mod vhost_user;
+pub mod virtio_mmio;
 
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;

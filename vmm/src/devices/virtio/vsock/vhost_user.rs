@@ -62,7 +62,6 @@ pub enum VhostUserVsockError {
 pub struct VhostUserVsockBackend {
     device: VsockDevice<VsockMuxer>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    event_idx: bool,
 }
 
 impl VhostUserVsockBackend {
@@ -71,7 +70,6 @@ impl VhostUserVsockBackend {
         VhostUserVsockBackend {
             device,
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-            event_idx: false,
         }
     }
 
@@ -149,7 +147,9 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
-        self.event_idx = enabled;
+        // The queue loops in `device` are correct with and without EVENT_IDX; the library
+        // switches the queues themselves.
+        debug!("vsock: EVENT_IDX {}", if enabled { "on" } else { "off" });
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -251,6 +251,7 @@ impl VhostUserVsockServer {
         let muxer = VsockMuxer::new(&config.uds)?;
         let uds_file = SocketFile::record(&config.uds);
         let backend_fd = muxer.get_polled_fd();
+        let backend_events = muxer.get_polled_evset();
         let device = VsockDevice::new(config.guest_cid, muxer)?;
         let backend = Arc::new(RwLock::new(VhostUserVsockBackend::new(device)));
 
@@ -277,7 +278,7 @@ impl VhostUserVsockServer {
         };
         for handler in daemon.get_epoll_handlers() {
             if let Err(e) =
-                handler.register_listener(backend_fd, EventSet::IN, u64::from(BACKEND_EVENT))
+                handler.register_listener(backend_fd, backend_events, u64::from(BACKEND_EVENT))
             {
                 files[0].remove_if_ours();
                 return Err(VhostUserVsockError::RegisterBackend(e));

@@ -24,7 +24,7 @@
 //!
 //! Closing: host EOF sends SHUTDOWN(SEND) when the host only half-closed, SHUTDOWN(RCV|SEND)
 //! when it hung up; the guest answers the latter with RST (or we reset after
-//! [`CONN_SHUTDOWN_TIMEOUT`](super::defs::CONN_SHUTDOWN_TIMEOUT)). Guest SHUTDOWN(SEND) shuts the
+//! [`CONN_SHUTDOWN_TIMEOUT`]). Guest SHUTDOWN(SEND) shuts the
 //! host stream's write side once buffered bytes are out; SHUTDOWN with both flags is acknowledged
 //! with RST after that flush.
 

@@ -3,7 +3,7 @@
 //! Bytes arrive in whatever pieces the client wrote them; [`ConnectLineParser`] takes them one at
 //! a time so that it never consumes anything past the newline (bytes after it are stream data for
 //! the guest and stay in the socket). It rejects early: as soon as a byte cannot start a valid
-//! line, or the line grows past [`CONNECT_LINE_MAX`](super::super::defs::CONNECT_LINE_MAX).
+//! line, or the line grows past [`CONNECT_LINE_MAX`].
 
 use super::super::defs::CONNECT_LINE_MAX;
 
