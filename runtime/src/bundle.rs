@@ -46,7 +46,8 @@ pub fn load_spec(bundle: &Path) -> Result<Spec> {
             "bundle {bundle:?} has no config.json (is this an OCI bundle?)"
         )));
     }
-    Spec::load(&path).map_err(|e| Error::Config(format!("invalid {path:?}: {e}")))
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(format!("reading {path:?}"), e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Config(format!("invalid {path:?}: {e}")))
 }
 
 /// Plans the host side of a container: which host paths go into the share
@@ -158,7 +159,7 @@ mod tests {
 
     const SPEC: &str = r#"{
         "ociVersion": "1.0.2",
-        "process": {"args": ["sh"], "cwd": "/", "terminal": false},
+        "process": {"args": ["sh"], "cwd": "/", "terminal": false, "user": {"uid": 0, "gid": 0}},
         "root": {"path": "rootfs", "readonly": true},
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},

@@ -476,3 +476,96 @@ fn stdio_integrity_under_load() {
     );
     pod.stop();
 }
+
+/// Cycles of the leak test (`HUSK_CYCLES`, default 100).
+fn cycles() -> usize {
+    std::env::var("HUSK_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100)
+}
+
+#[test]
+fn create_start_kill_delete_cycles_leave_nothing() {
+    let Some(pod) = Pod::new("create_start_kill_delete_cycles_leave_nothing") else {
+        return;
+    };
+    let sb = pod.sb();
+    let b = pod.bundle("cyc", &["sleep", "1000"], |_| {});
+    let share = sb.shared_dir().unwrap().to_path_buf();
+    let fds = husk_tests::open_fds();
+    let t0 = std::time::Instant::now();
+    let n = cycles();
+    for i in 0..n {
+        let id = format!("cyc{i}");
+        sb.create_container(&id, &b, Stdio::default()).unwrap();
+        sb.start_container(&id).unwrap();
+        sb.kill(&id, "", 9, false).unwrap();
+        assert_eq!(sb.wait(&id, "").unwrap(), 137, "cycle {i}");
+        sb.delete_container(&id).unwrap();
+    }
+    eprintln!(
+        "{n} container cycles in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(sb.container_ids().is_empty());
+    assert_eq!(
+        std::fs::read_dir(&share).unwrap().count(),
+        0,
+        "share not clean"
+    );
+    assert_eq!(
+        husk_tests::mounts_under(&share),
+        vec![share.display().to_string()]
+    );
+    assert_eq!(husk_tests::open_fds(), fds, "runtime leaked fds");
+    pod.stop();
+}
+
+#[test]
+fn pause_resume_update_and_a_vm_that_dies_mid_exec() {
+    let Some(pod) = Pod::new("pause_resume_update_and_a_vm_that_dies_mid_exec") else {
+        return;
+    };
+    let sb = pod.sb();
+    let b = pod.bundle("p", &["sleep", "1000"], |_| {});
+    sb.create_container("p", &b, Stdio::default()).unwrap();
+    sb.start_container("p").unwrap();
+    sb.set_paused("p", true).unwrap();
+    sb.set_paused("p", false).unwrap();
+    let res: oci_spec::runtime::LinuxResources =
+        serde_json::from_value(json!({"memory": {"limit": 67108864}, "pids": {"limit": 32}}))
+            .unwrap();
+    sb.update_container("p", &res).unwrap();
+    let stats = sb.container_stats("p").unwrap();
+    assert_eq!(stats.memory_limit_bytes, 67108864);
+    assert!(stats.pids_current >= 1);
+
+    // The VM dies while an exec is running: the caller gets an error, not a
+    // hang, and the sandbox still cleans up.
+    let sleeper: oci_spec::runtime::Process = serde_json::from_value(
+        json!({"args": ["sleep", "1000"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}),
+    )
+    .unwrap();
+    sb.exec("p", "e", &sleeper, Stdio::default()).unwrap();
+    let qemu = sb.pids()[0];
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(qemu as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
+    let t0 = std::time::Instant::now();
+    let e = sb.wait("p", "e").unwrap_err();
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        t0.elapsed()
+    );
+    eprintln!("wait after VM death: {e}");
+    let mut pod = pod;
+    let sb = pod.sb.take().unwrap();
+    drop(sb);
+    assert_nothing_left(pod.run.path());
+}

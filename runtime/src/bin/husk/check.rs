@@ -61,6 +61,18 @@ pub fn run(args: CheckArgs) -> anyhow::Result<i32> {
             problems.push(e.to_string());
         }
     }
+    row(
+        "husk-vmm:",
+        &match cfg.husk_vmm() {
+            Ok(p) if host.kvm.runs_linux() => format!("{} (usable: hardware KVM)", p.display()),
+            Ok(p) => format!(
+                "{} (not used: {} cannot boot Linux)",
+                p.display(),
+                host.kvm.describe()
+            ),
+            Err(_) => "not installed".into(),
+        },
+    );
     match cfg.vsock_backend() {
         Ok(b) => row("vsock backend:", &b.display().to_string()),
         Err(e) => {
