@@ -54,43 +54,13 @@ pub fn husk_vmm_args(spec: &VmSpec, cmdline: &str, uds: &Path, api: &Path) -> Ve
     ]
 }
 
-fn check_file(what: &'static str, path: &Path, hint: &'static str) -> Result<()> {
-    let reason = match std::fs::metadata(path) {
-        Ok(m) if !m.is_file() => "not a regular file".to_string(),
-        Ok(m) if m.len() == 0 => "empty".to_string(),
-        Ok(_) => return Ok(()),
-        Err(e) => e.to_string(),
-    };
-    Err(Error::Artifact {
-        what,
-        path: path.to_path_buf(),
-        reason,
-        hint,
-    })
-}
-
 impl Hypervisor for HuskVmm {
     fn kind(&self) -> BackendKind {
         BackendKind::HuskVmm
     }
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
-        check_file(
-            "guest kernel",
-            &spec.kernel,
-            "build it with guest-kernel/build.sh",
-        )?;
-        check_file(
-            "initramfs",
-            &spec.initramfs,
-            "build it with rootfs/build.sh",
-        )?;
-        if spec.vcpus == 0 || spec.memory_mib < 64 {
-            return Err(Error::Config(format!(
-                "a VM needs at least 1 vCPU and 64 MiB (asked for {} and {} MiB)",
-                spec.vcpus, spec.memory_mib
-            )));
-        }
+        spec.validate()?;
         if spec.shared_dir.is_some() {
             return Err(Error::BackendUnavailable {
                 backend: "husk-vmm",

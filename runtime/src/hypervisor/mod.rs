@@ -112,6 +112,46 @@ pub struct VmSpec {
     pub shared_dir: Option<PathBuf>,
 }
 
+impl VmSpec {
+    /// Checks what every backend needs before starting anything: kernel
+    /// and initramfs present and non-empty, a sane VM size.
+    pub fn validate(&self) -> Result<()> {
+        check_file(
+            "guest kernel",
+            &self.kernel,
+            "build it with guest-kernel/build.sh",
+        )?;
+        check_file(
+            "initramfs",
+            &self.initramfs,
+            "build it with rootfs/build.sh",
+        )?;
+        if self.vcpus == 0 || self.memory_mib < 64 {
+            return Err(crate::error::Error::Config(format!(
+                "a VM needs at least 1 vCPU and 64 MiB (asked for {} and {} MiB)",
+                self.vcpus, self.memory_mib
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Fails unless `path` is a non-empty regular file.
+fn check_file(what: &'static str, path: &std::path::Path, hint: &'static str) -> Result<()> {
+    let reason = match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => "not a regular file".to_string(),
+        Ok(m) if m.len() == 0 => "empty".to_string(),
+        Ok(_) => return Ok(()),
+        Err(e) => e.to_string(),
+    };
+    Err(crate::error::Error::Artifact {
+        what,
+        path: path.to_path_buf(),
+        reason,
+        hint,
+    })
+}
+
 /// virtio-fs tag of the sandbox's shared directory.
 pub const SHARED_FS_TAG: &str = "husk";
 

@@ -148,21 +148,6 @@ impl Qemu {
     }
 }
 
-fn check_file(what: &'static str, path: &Path, hint: &'static str) -> Result<()> {
-    let reason = match std::fs::metadata(path) {
-        Ok(m) if !m.is_file() => "not a regular file".to_string(),
-        Ok(m) if m.len() == 0 => "empty".to_string(),
-        Ok(_) => return Ok(()),
-        Err(e) => e.to_string(),
-    };
-    Err(Error::Artifact {
-        what,
-        path: path.to_path_buf(),
-        reason,
-        hint,
-    })
-}
-
 impl Qemu {
     /// Starts virtiofsd sharing `dir` on `sock` and waits for its socket.
     /// It runs in its own mount namespace (`--sandbox namespace`); mounts
@@ -206,22 +191,7 @@ impl Hypervisor for Qemu {
     }
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
-        check_file(
-            "guest kernel",
-            &spec.kernel,
-            "build it with guest-kernel/build.sh",
-        )?;
-        check_file(
-            "initramfs",
-            &spec.initramfs,
-            "build it with rootfs/build.sh",
-        )?;
-        if spec.vcpus == 0 || spec.memory_mib < 64 {
-            return Err(Error::Config(format!(
-                "a VM needs at least 1 vCPU and 64 MiB (asked for {} and {} MiB)",
-                spec.vcpus, spec.memory_mib
-            )));
-        }
+        spec.validate()?;
         let append = self.guest_cmdline(spec)?;
         let vhost_sock = spec.run_dir.join("vhost-vsock.sock");
         let uds = spec.run_dir.join("vsock.sock");
