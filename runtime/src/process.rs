@@ -21,13 +21,27 @@ pub struct OwnedChild {
     program: PathBuf,
     child: Child,
     status: Option<ExitStatus>,
+    /// The child leads its own process group, killed as a whole.
+    group: bool,
 }
 
 impl OwnedChild {
     /// Spawns `cmd`. The child gets SIGKILL if the spawning thread dies
     /// (PR_SET_PDEATHSIG), so a crashed owner leaves no VM behind: spawn
     /// from a thread that lives as long as the sandbox.
-    pub fn spawn(what: &'static str, mut cmd: Command) -> Result<OwnedChild> {
+    pub fn spawn(what: &'static str, cmd: Command) -> Result<OwnedChild> {
+        Self::spawn_inner(what, cmd, false)
+    }
+
+    /// Like [`OwnedChild::spawn`], but the child leads a new process group
+    /// and [`OwnedChild::kill`] kills the whole group: for programs that
+    /// fork helpers of their own (virtiofsd's sandbox child).
+    pub fn spawn_group(what: &'static str, mut cmd: Command) -> Result<OwnedChild> {
+        cmd.process_group(0);
+        Self::spawn_inner(what, cmd, true)
+    }
+
+    fn spawn_inner(what: &'static str, mut cmd: Command, group: bool) -> Result<OwnedChild> {
         let program = PathBuf::from(cmd.get_program());
         // SAFETY: the closure runs in the forked child before exec and only
         // calls prctl(2) and getppid(2), both async-signal-safe; it touches no
@@ -54,6 +68,7 @@ impl OwnedChild {
             program,
             child,
             status: None,
+            group,
         })
     }
 
@@ -115,8 +130,14 @@ impl OwnedChild {
         self.kill()
     }
 
-    /// SIGKILLs and reaps the child.
+    /// SIGKILLs and reaps the child (and, for a group leader, its group).
     pub fn kill(&mut self) -> Result<ExitStatus> {
+        if self.group {
+            // Whatever the child forked goes too, even once the child is
+            // reaped (the group outlives its leader).
+            let _ =
+                nix::sys::signal::killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        }
         if let Some(s) = self.try_wait()? {
             return Ok(s);
         }
@@ -186,6 +207,33 @@ mod tests {
         drop(c);
         // Dropped means killed and reaped: the pid is gone.
         assert!(kill(Pid::from_raw(pid as i32), None).is_err());
+    }
+
+    #[test]
+    fn a_group_leader_takes_its_forks_along() {
+        let mut c = OwnedChild::spawn_group("forker", {
+            let mut c = Command::new("sh");
+            c.args(["-c", "sleep 30 & echo $!; wait"]);
+            c.stdout(std::process::Stdio::piped());
+            c
+        })
+        .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(c.child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let grandchild: i32 = line.trim().parse().unwrap();
+        c.kill().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // The grandchild is reparented and reaped by init; wait until gone.
+        while std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
+            .is_ok_and(|s| !s.contains(") Z"))
+        {
+            assert!(std::time::Instant::now() < deadline, "grandchild survived");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]

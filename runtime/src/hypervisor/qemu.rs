@@ -176,7 +176,7 @@ impl Qemu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file(&run_dir.join("virtiofsd.log"))?);
-        let mut child = OwnedChild::spawn("virtiofsd", cmd)?;
+        let mut child = OwnedChild::spawn_group("virtiofsd", cmd)?;
         wait_for_socket(&mut child, sock, BACKEND_READY_TIMEOUT)?;
         Ok(child)
     }
