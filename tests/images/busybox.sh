@@ -12,9 +12,12 @@ busybox=${BUSYBOX:-/bin/busybox}
 for t in umoci "$busybox"; do
 	command -v "$t" >/dev/null || { echo "busybox.sh: $t missing (apt-get install umoci busybox-static)" >&2; exit 1; }
 done
-rm -rf "$out"
+# Built beside the target and renamed into place, so a reader never sees a
+# half-written layout.
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+final=$out
+out="$tmp/layout"
 umoci init --layout "$out" >&2
 umoci new --image "$out:latest" >&2
 umoci unpack --image "$out:latest" "$tmp/b" >&2
@@ -29,4 +32,7 @@ printf 'root:x:0:\nnobody:x:65534:\n' >"$root/etc/group"
 umoci repack --image "$out:latest" "$tmp/b" >&2
 umoci config --image "$out:latest" --config.cmd sh --config.env PATH=/bin:/usr/bin >&2
 touch "$out/.husk-complete"
-echo "$out"
+mkdir -p "$(dirname "$final")"
+rm -rf "$final"
+mv "$out" "$final"
+echo "$final"

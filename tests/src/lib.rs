@@ -161,6 +161,9 @@ pub fn assert_nothing_left(run_root: &Path) {
 
 /// The busybox OCI image layout (built once by tests/images/busybox.sh).
 pub fn busybox_layout() -> PathBuf {
+    // Tests of one binary run on threads: build the layout once.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     let layout = workspace_root().join("target/husk/busybox-oci");
     let st = Command::new("bash")
         .arg(workspace_root().join("tests/images/busybox.sh"))
