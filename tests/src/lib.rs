@@ -10,8 +10,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::fs::File;
+
 use husk_runtime::config::{BackendSetting, RuntimeConfig};
 use husk_runtime::host::which;
+use husk_runtime::host::HostProbe;
+use husk_runtime::{Sandbox, Stdio};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -210,4 +214,91 @@ pub fn busybox_bundle(
 /// Mount points at or under `path` in this mount namespace.
 pub fn mounts_under(path: &Path) -> Vec<String> {
     husk_runtime::shared_fs::mounts_under(path)
+}
+
+/// A sandbox for container tests, with a run root and a work directory.
+pub struct Pod {
+    /// The sandbox (taken by `stop`).
+    pub sb: Option<Sandbox>,
+    /// Its run root.
+    pub run: tempfile::TempDir,
+    /// Bundles, outputs, volumes.
+    pub work: tempfile::TempDir,
+}
+
+impl Pod {
+    /// Starts a sandbox, or `None` (skipped, with a reason) without QEMU.
+    pub fn new(test: &str) -> Option<Pod> {
+        qemu_or_skip(test)?;
+        let run = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let cfg = e2e_config(run.path());
+        let sb = Sandbox::start(&cfg, &HostProbe::detect(), "pod").unwrap();
+        Some(Pod {
+            sb: Some(sb),
+            run,
+            work,
+        })
+    }
+
+    /// The sandbox.
+    pub fn sb(&self) -> &Sandbox {
+        self.sb.as_ref().unwrap()
+    }
+
+    /// A busybox bundle in the work directory.
+    pub fn bundle(
+        &self,
+        name: &str,
+        args: &[&str],
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> PathBuf {
+        busybox_bundle(self.work.path(), name, args, false, edit)
+    }
+
+    /// A new output file in the work directory.
+    pub fn out(&self, name: &str) -> (PathBuf, File) {
+        let p = self.work.path().join(name);
+        let f = File::create(&p).unwrap();
+        (p, f)
+    }
+
+    /// Runs a container to completion; returns (status, stdout, stderr).
+    pub fn run(&self, id: &str, bundle: &Path, stdin: Option<&[u8]>) -> (i32, String, String) {
+        let (op, of) = self.out(&format!("{id}.out"));
+        let (ep, ef) = self.out(&format!("{id}.err"));
+        let stdin = stdin.map(|data| {
+            let p = self.work.path().join(format!("{id}.in"));
+            std::fs::write(&p, data).unwrap();
+            File::open(p).unwrap()
+        });
+        let stdio = Stdio {
+            stdin,
+            stdout: Some(of),
+            stderr: Some(ef),
+            terminal: false,
+        };
+        if let Err(e) = self.sb().create_container(id, bundle, stdio) {
+            let console =
+                std::fs::read_to_string(self.sb().dir().join("console.log")).unwrap_or_default();
+            let err = std::fs::read_to_string(&ep).unwrap_or_default();
+            panic!("creating {id}: {e}\nguest console:\n{console}\nstderr:\n{err}");
+        }
+        self.sb().start_container(id).unwrap();
+        let status = self.sb().wait(id, "").unwrap();
+        self.sb().delete_container(id).unwrap();
+        (
+            status,
+            std::fs::read_to_string(op).unwrap(),
+            std::fs::read_to_string(ep).unwrap(),
+        )
+    }
+
+    /// Stops the sandbox, checks nothing is left, and hands back the work
+    /// directory (volumes) for checks after the stop.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        self.sb.take().unwrap().stop().unwrap();
+        assert_nothing_left(self.run.path());
+        self.work
+    }
 }

@@ -3,93 +3,12 @@
 //! volumes over virtio-fs, stdio over vsock, youki's libcontainer in the
 //! guest.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use husk_runtime::host::HostProbe;
-use husk_runtime::{Sandbox, Stdio};
-use husk_tests::{assert_nothing_left, busybox_bundle, e2e_config, qemu_or_skip};
+use husk_runtime::Stdio;
+use husk_tests::{assert_nothing_left, Pod};
 use serde_json::json;
-
-struct Pod {
-    sb: Option<Sandbox>,
-    run: tempfile::TempDir,
-    work: tempfile::TempDir,
-}
-
-impl Pod {
-    fn new(test: &str) -> Option<Pod> {
-        qemu_or_skip(test)?;
-        let run = tempfile::tempdir().unwrap();
-        let work = tempfile::tempdir().unwrap();
-        let cfg = e2e_config(run.path());
-        let sb = Sandbox::start(&cfg, &HostProbe::detect(), "pod").unwrap();
-        Some(Pod {
-            sb: Some(sb),
-            run,
-            work,
-        })
-    }
-
-    fn sb(&self) -> &Sandbox {
-        self.sb.as_ref().unwrap()
-    }
-
-    fn bundle(
-        &self,
-        name: &str,
-        args: &[&str],
-        edit: impl FnOnce(&mut serde_json::Value),
-    ) -> PathBuf {
-        busybox_bundle(self.work.path(), name, args, false, edit)
-    }
-
-    fn out(&self, name: &str) -> (PathBuf, File) {
-        let p = self.work.path().join(name);
-        let f = File::create(&p).unwrap();
-        (p, f)
-    }
-
-    /// Runs a container to completion; returns (status, stdout, stderr).
-    fn run(&self, id: &str, bundle: &Path, stdin: Option<&[u8]>) -> (i32, String, String) {
-        let (op, of) = self.out(&format!("{id}.out"));
-        let (ep, ef) = self.out(&format!("{id}.err"));
-        let stdin = stdin.map(|data| {
-            let p = self.work.path().join(format!("{id}.in"));
-            std::fs::write(&p, data).unwrap();
-            File::open(p).unwrap()
-        });
-        let stdio = Stdio {
-            stdin,
-            stdout: Some(of),
-            stderr: Some(ef),
-            terminal: false,
-        };
-        if let Err(e) = self.sb().create_container(id, bundle, stdio) {
-            let console =
-                std::fs::read_to_string(self.sb().dir().join("console.log")).unwrap_or_default();
-            let err = std::fs::read_to_string(&ep).unwrap_or_default();
-            panic!("creating {id}: {e}\nguest console:\n{console}\nstderr:\n{err}");
-        }
-        self.sb().start_container(id).unwrap();
-        let status = self.sb().wait(id, "").unwrap();
-        self.sb().delete_container(id).unwrap();
-        (
-            status,
-            std::fs::read_to_string(op).unwrap(),
-            std::fs::read_to_string(ep).unwrap(),
-        )
-    }
-
-    /// Stops the sandbox, checks nothing is left, and hands back the work
-    /// directory (volumes) for checks after the stop.
-    fn stop(mut self) -> tempfile::TempDir {
-        self.sb.take().unwrap().stop().unwrap();
-        assert_nothing_left(self.run.path());
-        self.work
-    }
-}
 
 #[test]
 fn run_exit_codes_signals_exec_and_namespaces() {
@@ -474,61 +393,6 @@ fn stdio_integrity_under_load() {
         sha256_of(&want_out[..tty_bytes as usize]),
         "tty bytes"
     );
-    pod.stop();
-}
-
-/// Cycles of the leak test (`HUSK_CYCLES`, default 100).
-fn cycles() -> usize {
-    std::env::var("HUSK_CYCLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100)
-}
-
-#[test]
-fn create_start_kill_delete_cycles_leave_nothing() {
-    let Some(pod) = Pod::new("create_start_kill_delete_cycles_leave_nothing") else {
-        return;
-    };
-    let sb = pod.sb();
-    let b = pod.bundle("cyc", &["sleep", "1000"], |_| {});
-    let share = sb.shared_dir().unwrap().to_path_buf();
-    let cycle = |id: &str| {
-        sb.create_container(id, &b, Stdio::default()).unwrap();
-        sb.start_container(id).unwrap();
-        sb.kill(id, "", 9, false).unwrap();
-        assert_eq!(sb.wait(id, "").unwrap(), 137, "{id}");
-        sb.delete_container(id).unwrap();
-    };
-    // One warm-up cycle so lazily opened process-wide fds are in the base.
-    cycle("warmup");
-    let fds = husk_tests::open_fds();
-    let t0 = std::time::Instant::now();
-    let n = cycles();
-    for i in 0..n {
-        cycle(&format!("cyc{i}"));
-    }
-    eprintln!(
-        "{n} container cycles in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
-    assert!(sb.container_ids().is_empty());
-    assert_eq!(
-        std::fs::read_dir(&share).unwrap().count(),
-        0,
-        "share not clean"
-    );
-    assert_eq!(
-        husk_tests::mounts_under(&share),
-        vec![share.display().to_string()]
-    );
-    // ttrpc closes a dropped client's socket on its own thread: give the
-    // last ones a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while husk_tests::open_fds() != fds && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert_eq!(husk_tests::open_fds(), fds, "runtime leaked fds");
     pod.stop();
 }
 

@@ -1,0 +1,667 @@
+//! The Task service containerd talks to: one sandbox VM per shim, every
+//! container of the pod in it.
+//!
+//! Lock discipline: `sandbox` and `tasks` are never held together; slow
+//! sandbox calls run without the task table locked. A started process gets
+//! a waiter thread that blocks on the agent's WaitProcess over its own
+//! connection (the sandbox stays unlocked meanwhile), then drains its
+//! output, files the exit, wakes `Wait` callers and publishes TaskExit.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use containerd_shim::api::{self, Status};
+use containerd_shim::event::Event;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{EnumOrUnknown, MessageField};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
+use husk_runtime::{RuntimeConfig, Sandbox, Stdio};
+
+use crate::error::{Result, ShimError};
+use crate::owner::SandboxOwner;
+
+/// One process (a container's init, or an exec) as containerd sees it.
+#[derive(Debug)]
+struct Proc {
+    pid: u32,
+    status: Status,
+    exit: Option<(u32, Timestamp)>,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+    /// Opened stdio waiting for Start (execs: husk runs them on Start).
+    pending_stdio: Option<Stdio>,
+    /// The OCI process of an exec, until Start.
+    pending_spec: Option<oci_spec::runtime::Process>,
+}
+
+/// One container.
+#[derive(Debug)]
+struct Container {
+    bundle: PathBuf,
+    rootfs_mounted: bool,
+    procs: HashMap<String, Proc>,
+}
+
+/// State shared by the service and its waiter threads.
+struct Inner {
+    namespace: String,
+    sandbox_id: String,
+    publisher: RemotePublisher,
+    owner: SandboxOwner,
+    sandbox: Mutex<Option<Sandbox>>,
+    tasks: Mutex<HashMap<String, Container>>,
+    exited: Condvar,
+    exit: Arc<ExitSignal>,
+}
+
+/// containerd's Task API for one husk sandbox.
+#[derive(Clone)]
+pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn not_found(id: &str, exec_id: &str) -> ShimError {
+    if exec_id.is_empty() {
+        ShimError::NotFound(format!("container {id:?}"))
+    } else {
+        ShimError::NotFound(format!("process {exec_id:?} of container {id:?}"))
+    }
+}
+
+impl TaskService {
+    /// A service for sandbox `sandbox_id` in containerd namespace
+    /// `namespace`, publishing events through `publisher`; `exit` is
+    /// signalled by Shutdown.
+    pub fn new(
+        namespace: &str,
+        sandbox_id: &str,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Result<TaskService> {
+        Ok(TaskService {
+            inner: Arc::new(Inner {
+                namespace: namespace.to_string(),
+                sandbox_id: sandbox_id.to_string(),
+                publisher,
+                owner: SandboxOwner::spawn()?,
+                sandbox: Mutex::new(None),
+                tasks: Mutex::new(HashMap::new()),
+                exited: Condvar::new(),
+                exit,
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn publish(&self, event: impl Event + 'static) {
+        let topic = event.topic();
+        if let Err(e) =
+            self.publisher
+                .publish(Context::default(), &topic, &self.namespace, Box::new(event))
+        {
+            log::warn!("publishing {topic}: {e}");
+        }
+    }
+
+    /// Runs `f` on the sandbox (which must be running).
+    fn with_sb<T>(&self, f: impl FnOnce(&Sandbox) -> husk_runtime::Result<T>) -> Result<T> {
+        let g = lock(&self.sandbox);
+        let sb = g
+            .as_ref()
+            .ok_or_else(|| ShimError::FailedPrecondition("the sandbox VM is not running".into()))?;
+        Ok(f(sb)?)
+    }
+
+    /// Runs `f` on a process's record.
+    fn with_proc<T>(&self, id: &str, exec_id: &str, f: impl FnOnce(&mut Proc) -> T) -> Result<T> {
+        let mut tasks = lock(&self.tasks);
+        let p = tasks
+            .get_mut(id)
+            .and_then(|c| c.procs.get_mut(exec_id))
+            .ok_or_else(|| not_found(id, exec_id))?;
+        Ok(f(p))
+    }
+
+    fn create(&self, req: &api::CreateTaskRequest) -> Result<u32> {
+        let id = req.id.as_str();
+        if !req.checkpoint.is_empty() {
+            return Err(ShimError::Unsupported("checkpoint/restore"));
+        }
+        if lock(&self.tasks).contains_key(id) {
+            return Err(ShimError::AlreadyExists(format!("container {id:?}")));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        {
+            let mut sb = lock(&self.sandbox);
+            if sb.is_none() {
+                let cfg = RuntimeConfig::from_env()?;
+                log::info!(
+                    "starting sandbox {} under {:?}",
+                    self.sandbox_id,
+                    cfg.run_root
+                );
+                *sb = Some(self.owner.start(cfg, &self.sandbox_id)?);
+            }
+        }
+        let rootfs_mounted = mount_rootfs(&bundle, &req.rootfs)?;
+        let undo = || {
+            if rootfs_mounted {
+                unmount_rootfs(&bundle);
+            }
+        };
+        let stdio = crate::io::open_stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal)
+            .inspect_err(|_| undo())?;
+        let pid = self
+            .with_sb(|sb| sb.create_container(id, &bundle, stdio))
+            .inspect_err(|_| undo())?;
+        let pid = u32::try_from(pid).unwrap_or(0);
+        let init = Proc {
+            pid,
+            status: Status::CREATED,
+            exit: None,
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+            pending_stdio: None,
+            pending_spec: None,
+        };
+        lock(&self.tasks).insert(
+            id.to_string(),
+            Container {
+                bundle: bundle.clone(),
+                rootfs_mounted,
+                procs: HashMap::from([(String::new(), init)]),
+            },
+        );
+        self.publish(TaskCreate {
+            container_id: id.to_string(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            pid,
+            ..Default::default()
+        });
+        Ok(pid)
+    }
+
+    fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
+        let (status, stdio, spec) = self.with_proc(id, exec_id, |p| {
+            (p.status, p.pending_stdio.take(), p.pending_spec.take())
+        })?;
+        if status != Status::CREATED {
+            return Err(ShimError::FailedPrecondition(format!(
+                "{id}/{exec_id} is {status:?}, not created"
+            )));
+        }
+        let pid = if exec_id.is_empty() {
+            self.with_sb(|sb| sb.start_container(id))?;
+            self.with_proc(id, exec_id, |p| p.pid)?
+        } else {
+            let spec = spec.ok_or_else(|| not_found(id, exec_id))?;
+            let stdio = stdio.unwrap_or_default();
+            let pid = self.with_sb(|sb| sb.exec(id, exec_id, &spec, stdio))?;
+            u32::try_from(pid).unwrap_or(0)
+        };
+        self.with_proc(id, exec_id, |p| {
+            p.pid = pid;
+            p.status = Status::RUNNING;
+        })?;
+        let me = Arc::clone(self);
+        let (cid, eid) = (id.to_string(), exec_id.to_string());
+        std::thread::Builder::new()
+            .name(format!("wait-{id}"))
+            .spawn(move || me.wait_exit(&cid, &eid, pid))
+            .map_err(|e| ShimError::io("starting a waiter thread", e))?;
+        if exec_id.is_empty() {
+            self.publish(TaskStart {
+                container_id: id.to_string(),
+                pid,
+                ..Default::default()
+            });
+        } else {
+            self.publish(TaskExecStarted {
+                container_id: id.to_string(),
+                exec_id: exec_id.to_string(),
+                pid,
+                ..Default::default()
+            });
+        }
+        Ok(pid)
+    }
+
+    /// Waiter thread body: blocks until the process exits, then files it.
+    fn wait_exit(&self, id: &str, exec_id: &str, pid: u32) {
+        let client = self.with_sb(|sb| sb.dial_agent());
+        let status = match client.and_then(|c| Ok(c.wait_process(id, exec_id)?)) {
+            // Exited: now drain its output to containerd (returns at once).
+            Ok(_) => self.with_sb(|sb| sb.wait(id, exec_id)),
+            Err(e) => Err(e),
+        };
+        let status = match status {
+            Ok(s) => u32::try_from(s).unwrap_or(255),
+            Err(e) => {
+                log::error!("waiting for {id}/{exec_id}: {e}");
+                255
+            }
+        };
+        let at = now();
+        let _ = self.with_proc(id, exec_id, |p| {
+            p.status = Status::STOPPED;
+            p.exit = Some((status, at.clone()));
+        });
+        self.exited.notify_all();
+        self.publish(TaskExit {
+            container_id: id.to_string(),
+            id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
+            pid,
+            exit_status: status,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        });
+    }
+
+    fn wait(&self, id: &str, exec_id: &str) -> Result<(u32, Timestamp)> {
+        let mut tasks = lock(&self.tasks);
+        loop {
+            let p = tasks
+                .get(id)
+                .and_then(|c| c.procs.get(exec_id))
+                .ok_or_else(|| not_found(id, exec_id))?;
+            if let Some(e) = &p.exit {
+                return Ok(e.clone());
+            }
+            tasks = self.exited.wait(tasks).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn delete(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
+        let (status, pid, exit) =
+            self.with_proc(id, exec_id, |p| (p.status, p.pid, p.exit.clone()))?;
+        if status == Status::RUNNING || status == Status::PAUSED {
+            return Err(ShimError::FailedPrecondition(format!(
+                "{id}/{exec_id} is still running: kill it first"
+            )));
+        }
+        let (code, at) = exit.unwrap_or_else(|| (0, now()));
+        if exec_id.is_empty() {
+            if status == Status::CREATED {
+                // Never started: kill the waiting init so the agent lets
+                // the container go.
+                let _ = self.with_sb(|sb| sb.kill(id, "", 9, false));
+                let _ = self.with_sb(|sb| sb.wait(id, ""));
+            }
+            self.with_sb(|sb| sb.delete_container(id))?;
+            let c = lock(&self.tasks).remove(id);
+            if let Some(c) = c.filter(|c| c.rootfs_mounted) {
+                unmount_rootfs(&c.bundle);
+            }
+            self.publish(TaskDelete {
+                container_id: id.to_string(),
+                pid,
+                exit_status: code,
+                exited_at: MessageField::some(at.clone()),
+                id: id.to_string(),
+                ..Default::default()
+            });
+        } else if let Some(c) = lock(&self.tasks).get_mut(id) {
+            c.procs.remove(exec_id);
+        }
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: code,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        })
+    }
+
+    fn state(&self, id: &str, exec_id: &str) -> Result<api::StateResponse> {
+        let bundle = lock(&self.tasks)
+            .get(id)
+            .map(|c| c.bundle.display().to_string())
+            .unwrap_or_default();
+        self.with_proc(id, exec_id, |p| {
+            let (code, at) = p.exit.clone().unzip();
+            api::StateResponse {
+                id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
+                bundle,
+                pid: p.pid,
+                status: EnumOrUnknown::new(p.status),
+                stdin: p.stdin.clone(),
+                stdout: p.stdout.clone(),
+                stderr: p.stderr.clone(),
+                terminal: p.terminal,
+                exit_status: code.unwrap_or(0),
+                exited_at: at.into(),
+                exec_id: exec_id.to_string(),
+                ..Default::default()
+            }
+        })
+    }
+
+    fn exec(&self, req: &api::ExecProcessRequest) -> Result<()> {
+        let (id, exec_id) = (req.id.as_str(), req.exec_id.as_str());
+        husk_runtime::sandbox::validate_id(exec_id)?;
+        let spec: oci_spec::runtime::Process = serde_json::from_slice(&req.spec.value)
+            .map_err(|e| ShimError::InvalidArgument(format!("exec process spec: {e}")))?;
+        {
+            let tasks = lock(&self.tasks);
+            let c = tasks.get(id).ok_or_else(|| not_found(id, ""))?;
+            if c.procs.contains_key(exec_id) {
+                return Err(ShimError::AlreadyExists(format!(
+                    "exec {exec_id:?} in {id:?}"
+                )));
+            }
+        }
+        let stdio = crate::io::open_stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal)?;
+        let mut tasks = lock(&self.tasks);
+        let c = tasks.get_mut(id).ok_or_else(|| not_found(id, ""))?;
+        c.procs.insert(
+            exec_id.to_string(),
+            Proc {
+                pid: 0,
+                status: Status::CREATED,
+                exit: None,
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                pending_stdio: Some(stdio),
+                pending_spec: Some(spec),
+            },
+        );
+        drop(tasks);
+        self.publish(TaskExecAdded {
+            container_id: id.to_string(),
+            exec_id: exec_id.to_string(),
+            ..Default::default()
+        });
+        Ok(())
+    }
+
+    fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
+        self.with_proc(id, "", |_| ())?;
+        self.with_sb(|sb| sb.set_paused(id, paused))?;
+        self.with_proc(id, "", |p| {
+            if p.status == Status::RUNNING || p.status == Status::PAUSED {
+                p.status = if paused {
+                    Status::PAUSED
+                } else {
+                    Status::RUNNING
+                };
+            }
+        })?;
+        if paused {
+            self.publish(TaskPaused {
+                container_id: id.to_string(),
+                ..Default::default()
+            });
+        } else {
+            self.publish(TaskResumed {
+                container_id: id.to_string(),
+                ..Default::default()
+            });
+        }
+        Ok(())
+    }
+
+    fn stats(&self, id: &str) -> Result<Any> {
+        use containerd_shim::protos::cgroups_v2::metrics::{
+            CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
+        };
+        use containerd_shim::protos::protobuf::Message;
+        let s = self.with_sb(|sb| sb.container_stats(id))?;
+        let m = Metrics {
+            pids: MessageField::some(PidsStat {
+                current: s.pids_current,
+                ..Default::default()
+            }),
+            cpu: MessageField::some(CPUStat {
+                usage_usec: s.cpu_usage_usec,
+                ..Default::default()
+            }),
+            memory: MessageField::some(MemoryStat {
+                usage: s.memory_usage_bytes,
+                usage_limit: s.memory_limit_bytes,
+                ..Default::default()
+            }),
+            memory_events: MessageField::some(MemoryEvents {
+                oom_kill: s.oom_kills,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let value = m
+            .write_to_bytes()
+            .map_err(|e| ShimError::InvalidArgument(format!("encoding metrics: {e}")))?;
+        Ok(Any {
+            // containerd's typeurl registry name for cgroup v2 metrics.
+            type_url: "io.containerd.cgroups.v2.Metrics".into(),
+            value,
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self) {
+        if !lock(&self.tasks).is_empty() {
+            return;
+        }
+        let sb = lock(&self.sandbox).take();
+        if let Some(sb) = sb {
+            if let Err(e) = sb.stop() {
+                log::warn!("stopping sandbox {}: {e}", self.sandbox_id);
+            }
+        }
+        self.exit.signal();
+    }
+}
+
+/// Mounts containerd's rootfs mounts (the snapshot) on `<bundle>/rootfs`.
+/// Returns whether anything was mounted.
+fn mount_rootfs(
+    bundle: &Path,
+    mounts: &[containerd_shim::protos::types::mount::Mount],
+) -> Result<bool> {
+    if mounts.is_empty() {
+        return Ok(false);
+    }
+    let target = bundle.join("rootfs");
+    std::fs::create_dir_all(&target)
+        .map_err(|e| ShimError::io(format!("creating {target:?}"), e))?;
+    for m in mounts {
+        let ty = (!m.type_.is_empty()).then_some(m.type_.as_str());
+        let src = (!m.source.is_empty()).then_some(m.source.as_str());
+        if let Err(e) = containerd_shim::mount::mount_rootfs(ty, src, &m.options, &target) {
+            unmount_rootfs(bundle);
+            return Err(ShimError::io(
+                format!("mounting the rootfs ({}) on {target:?}: {e}", m.type_),
+                std::io::Error::other(e.to_string()),
+            ));
+        }
+    }
+    Ok(true)
+}
+
+/// Unmounts `<bundle>/rootfs` (all layers), logging failures.
+pub fn unmount_rootfs(bundle: &Path) {
+    let target = bundle.join("rootfs");
+    while nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+}
+
+fn reply<T>(r: Result<T>) -> TtrpcResult<T> {
+    r.map_err(|e| {
+        log::warn!("{e}");
+        e.into()
+    })
+}
+
+use containerd_shim::api::Empty;
+
+impl Task for TaskService {
+    fn state(&self, _: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        reply(self.inner.state(&req.id, &req.exec_id))
+    }
+
+    fn create(
+        &self,
+        _: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let pid = reply(self.inner.create(&req))?;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(&self, _: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let pid = reply(self.inner.start(&req.id, &req.exec_id))?;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn delete(
+        &self,
+        _: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        reply(self.inner.delete(&req.id, &req.exec_id))
+    }
+
+    fn pids(&self, _: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let pids = reply(self.inner.with_sb(|sb| sb.container_pids(&req.id)))?;
+        Ok(api::PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|p| containerd_shim::protos::types::task::ProcessInfo {
+                    pid: u32::try_from(p).unwrap_or(0),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<Empty> {
+        reply(self.inner.set_paused(&req.id, true)).map(|()| Empty::new())
+    }
+
+    fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<Empty> {
+        reply(self.inner.set_paused(&req.id, false)).map(|()| Empty::new())
+    }
+
+    fn checkpoint(&self, _: &TtrpcContext, _: api::CheckpointTaskRequest) -> TtrpcResult<Empty> {
+        reply(Err(ShimError::Unsupported("checkpoint")))
+    }
+
+    fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
+        let status = reply(self.inner.with_proc(&req.id, &req.exec_id, |p| p.status))?;
+        if status == Status::STOPPED {
+            return reply(Err(ShimError::NotFound(format!(
+                "process {}/{} already finished",
+                req.id, req.exec_id
+            ))));
+        }
+        reply(
+            self.inner
+                .with_sb(|sb| sb.kill(&req.id, &req.exec_id, req.signal, req.all)),
+        )
+        .map(|()| Empty::new())
+    }
+
+    fn exec(&self, _: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<Empty> {
+        reply(self.inner.exec(&req)).map(|()| Empty::new())
+    }
+
+    fn resize_pty(&self, _: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<Empty> {
+        reply(
+            self.inner
+                .with_sb(|sb| sb.resize(&req.id, &req.exec_id, req.height, req.width)),
+        )
+        .map(|()| Empty::new())
+    }
+
+    fn close_io(&self, _: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<Empty> {
+        if req.stdin {
+            reply(
+                self.inner
+                    .with_sb(|sb| sb.close_stdin(&req.id, &req.exec_id)),
+            )?;
+        }
+        Ok(Empty::new())
+    }
+
+    fn update(&self, _: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<Empty> {
+        let resources: oci_spec::runtime::LinuxResources = reply(
+            serde_json::from_slice(&req.resources.value)
+                .map_err(|e| ShimError::InvalidArgument(format!("update resources: {e}"))),
+        )?;
+        reply(
+            self.inner
+                .with_sb(|sb| sb.update_container(&req.id, &resources)),
+        )
+        .map(|()| Empty::new())
+    }
+
+    fn wait(&self, _: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let (code, at) = reply(self.inner.wait(&req.id, &req.exec_id))?;
+        Ok(api::WaitResponse {
+            exit_status: code,
+            exited_at: MessageField::some(at),
+            ..Default::default()
+        })
+    }
+
+    fn stats(&self, _: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        let stats = reply(self.inner.stats(&req.id))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(stats),
+            ..Default::default()
+        })
+    }
+
+    fn connect(
+        &self,
+        _: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = self.inner.with_proc(&req.id, "", |p| p.pid).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _: &TtrpcContext, _: api::ShutdownRequest) -> TtrpcResult<Empty> {
+        self.inner.shutdown();
+        Ok(Empty::new())
+    }
+}

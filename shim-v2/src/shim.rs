@@ -1,0 +1,112 @@
+//! The shim binary's life cycle: `start` (spawn the long-lived shim for
+//! a sandbox and print its address), `delete` (clean up after it), and
+//! serving the Task API.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{DeleteResponse, ExitSignal, Flags, StartOpts};
+
+use crate::service::TaskService;
+
+/// containerd's shim object for husk.
+pub struct HuskShim {
+    namespace: String,
+    id: String,
+    bundle: String,
+    exit: Arc<ExitSignal>,
+}
+
+/// The pod a bundle belongs to: the CRI sandbox-id annotation of its
+/// config.json, else the container's own id.
+pub fn grouping_id(bundle: &std::path::Path, id: &str) -> String {
+    let spec = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    spec.as_ref()
+        .and_then(|s| s["annotations"][crate::SANDBOX_ID_ANNOTATION].as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(id)
+        .to_string()
+}
+
+/// Starts (or finds) the long-lived shim of this container's pod, writes
+/// the `address` file in the bundle (the working directory) and returns the
+/// address.
+pub fn start_daemon(opts: StartOpts) -> containerd_shim::Result<String> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let grouping = grouping_id(&cwd, &opts.id);
+    let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+    containerd_shim::util::write_address(&address)?;
+    Ok(address)
+}
+
+impl containerd_shim::Shim for HuskShim {
+    type T = TaskService;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut containerd_shim::Config) -> Self {
+        HuskShim {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            bundle: args.bundle.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        start_daemon(opts)
+    }
+
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let bundle = if self.bundle.is_empty() {
+            std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+        } else {
+            PathBuf::from(&self.bundle)
+        };
+        let run_root = husk_runtime::RuntimeConfig::from_env()
+            .map(|c| c.run_root)
+            .unwrap_or_else(|_| PathBuf::from("/run/husk"));
+        crate::cleanup::cleanup(&self.id, &bundle, &run_root);
+        Ok(DeleteResponse {
+            pid: 0,
+            // As runc's shim: the task is gone as if SIGKILLed.
+            exit_status: 128 + 9,
+            exited_at: MessageField::some(Timestamp::now()),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        match TaskService::new(&self.namespace, &self.id, publisher, Arc::clone(&self.exit)) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("starting the task service: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouping_follows_the_cri_sandbox_annotation() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(grouping_id(d.path(), "c1"), "c1");
+        std::fs::write(
+            d.path().join("config.json"),
+            r#"{"annotations":{"io.kubernetes.cri.sandbox-id":"pod1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(grouping_id(d.path(), "c1"), "pod1");
+    }
+}
