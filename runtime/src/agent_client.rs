@@ -32,6 +32,11 @@ const MAX_REPLY: usize = 32;
 /// Per-RPC timeout of routine calls.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Timeout of calls that build or tear down processes in the guest
+/// (create, start, exec, remove): forks, mounts and cgroup work, which on an
+/// emulated (TCG) and loaded host can take seconds.
+pub const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Parses the backend's `OK <port>\n` reply line (without the newline).
 pub fn parse_ok_reply(line: &[u8]) -> Option<u32> {
     let s = std::str::from_utf8(line).ok()?;
@@ -189,7 +194,7 @@ impl AgentClient {
         r.container_id = id.to_string();
         r.oci_spec = spec;
         r.stdio = Some(stdio).into();
-        let res = self.agent.create_container(ctx(RPC_TIMEOUT), &r);
+        let res = self.agent.create_container(ctx(LIFECYCLE_TIMEOUT), &r);
         res.map(|x| x.pid).map_err(|source| Error::Agent {
             request: "CreateContainer",
             source,
@@ -200,7 +205,7 @@ impl AgentClient {
     pub fn start_container(&self, id: &str) -> Result<()> {
         let res = self
             .agent
-            .start_container(ctx(RPC_TIMEOUT), &container_req(id));
+            .start_container(ctx(LIFECYCLE_TIMEOUT), &container_req(id));
         res.map(drop).map_err(|source| Error::Agent {
             request: "StartContainer",
             source,
@@ -220,7 +225,7 @@ impl AgentClient {
         r.exec_id = exec_id.to_string();
         r.process = process;
         r.stdio = Some(stdio).into();
-        let res = self.agent.exec_process(ctx(RPC_TIMEOUT), &r);
+        let res = self.agent.exec_process(ctx(LIFECYCLE_TIMEOUT), &r);
         res.map(|x| x.pid).map_err(|source| Error::Agent {
             request: "ExecProcess",
             source,
@@ -257,7 +262,7 @@ impl AgentClient {
     pub fn remove_container(&self, id: &str) -> Result<()> {
         let res = self
             .agent
-            .remove_container(ctx(RPC_TIMEOUT), &container_req(id));
+            .remove_container(ctx(LIFECYCLE_TIMEOUT), &container_req(id));
         res.map(drop).map_err(|source| Error::Agent {
             request: "RemoveContainer",
             source,
