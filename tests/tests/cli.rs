@@ -10,8 +10,17 @@ fn check_boot_prints_agent_version_and_ok_verdict() {
     }
     let run = tempfile::tempdir().unwrap();
     let cfg = husk_tests::e2e_config(run.path());
+    let work = tempfile::tempdir().unwrap();
+    let bundle = husk_tests::busybox_bundle(
+        work.path(),
+        "demo",
+        &["sh", "-c", "echo hello from the guest; exit 3"],
+        false,
+        |_| {},
+    );
     let out = Command::new(husk_tests::bin("husk"))
-        .args(["check", "--boot"])
+        .args(["check", "--boot", "--bundle"])
+        .arg(&bundle)
         .env("HUSK_KERNEL", &cfg.kernel)
         .env("HUSK_INITRAMFS", &cfg.initramfs)
         .env("HUSK_RUN_DIR", run.path())
@@ -28,6 +37,8 @@ fn check_boot_prints_agent_version_and_ok_verdict() {
         "{stdout}"
     );
     assert!(stdout.contains("guest kernel:  6.1."), "{stdout}");
+    assert!(stdout.contains("hello from the guest\n"), "{stdout}");
+    assert!(stdout.contains(" exited 3 in "), "{stdout}");
     let last = stdout.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("verdict: OK: husk can run sandboxes here with qemu-"),

@@ -15,6 +15,34 @@ pub struct CheckArgs {
     /// Also boot a sandbox VM and print the guest agent's Version.
     #[arg(long)]
     boot: bool,
+    /// With --boot: also run the OCI bundle at this path as a container in
+    /// the VM, its output on this terminal.
+    #[arg(long, requires = "boot")]
+    bundle: Option<std::path::PathBuf>,
+}
+
+/// Runs `bundle` as container "check" in `sb`, stdout/stderr to ours;
+/// returns its exit status.
+fn run_bundle(sb: &Sandbox, bundle: &Path) -> husk_runtime::Result<i32> {
+    let dup = |fd: i32| -> husk_runtime::Result<std::fs::File> {
+        nix::unistd::dup(fd)
+            .map(|fd| {
+                // SAFETY: dup(2) returned a new fd that nothing else owns.
+                unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+            })
+            .map_err(|e| husk_runtime::Error::io("duplicating stdout", e.into()))
+    };
+    let stdio = husk_runtime::Stdio {
+        stdin: None,
+        stdout: Some(dup(1)?),
+        stderr: Some(dup(2)?),
+        terminal: false,
+    };
+    sb.create_container("check", bundle, stdio)?;
+    sb.start_container("check")?;
+    let status = sb.wait("check", "")?;
+    sb.delete_container("check")?;
+    Ok(status)
 }
 
 fn file_line(p: &Path) -> (bool, String) {
@@ -153,6 +181,20 @@ pub fn run(args: CheckArgs) -> anyhow::Result<i32> {
                         row("guest stages:", &stages.join(", "));
                     }
                     Err(e) => problems.push(format!("agent Version failed: {e}")),
+                }
+                if let Some(bundle) = &args.bundle {
+                    let t0 = Instant::now();
+                    match run_bundle(&sb, bundle) {
+                        Ok(status) => row(
+                            "container:",
+                            &format!(
+                                "{} exited {status} in {:.2} s",
+                                bundle.display(),
+                                t0.elapsed().as_secs_f64()
+                            ),
+                        ),
+                        Err(e) => problems.push(format!("running {}: {e}", bundle.display())),
+                    }
                 }
                 if let Err(e) = sb.stop() {
                     problems.push(format!("stopping the sandbox failed: {e}"));
