@@ -12,6 +12,7 @@ pkgs=(
 	libseccomp-dev      # seccomp in the guest agent (linked statically)
 	libcap-ng-dev pkg-config # building virtiofsd
 	umoci               # offline OCI images for tests
+	containerd          # the containerd shim tests (brings runc and ctr)
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -4,12 +4,16 @@
 //! `WaitProcess` can find it.
 //!
 //! SIGCHLD is caught with a handler that writes to a pipe, not blocked: a
-//! blocked mask would be inherited by every container process.
+//! blocked mask would be inherited by every container process. Container
+//! processes themselves send no SIGCHLD: libcontainer clones them with
+//! CLONE_PARENT and no exit signal, which also makes them "clone children"
+//! that only `waitpid(__WALL)` collects. [`watch`] therefore follows each
+//! one with a pidfd and wakes the reaper when it exits.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -98,6 +102,41 @@ impl Exits {
     }
 }
 
+/// Wakes the reaper thread.
+fn wake_reaper() {
+    on_sigchld(0);
+}
+
+/// Follows `pid` (a child of the agent that may exit without SIGCHLD) and
+/// wakes the reaper when it exits.
+pub fn watch(pid: i32) {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1;
+    // no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        // Already gone (or no pidfd support): look now.
+        wake_reaper();
+        return;
+    }
+    // SAFETY: the kernel just returned this fd and nothing else owns it.
+    let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let spawned = std::thread::Builder::new()
+        .name("pid-watch".into())
+        .spawn(move || {
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&pidfd),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            while let Err(nix::Error::EINTR) =
+                nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE)
+            {}
+            wake_reaper();
+        });
+    if spawned.is_err() {
+        wake_reaper();
+    }
+}
+
 /// Installs the SIGCHLD handler and returns the pipe end the reaper reads.
 pub fn install() -> nix::Result<File> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
@@ -140,7 +179,10 @@ pub fn reap_forever(mut wake: File) {
 /// Collects every child that has exited so far.
 pub fn reap_all() {
     loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        match waitpid(
+            Pid::from_raw(-1),
+            Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
+        ) {
             Ok(WaitStatus::StillAlive) | Err(_) => return,
             Ok(ws) => {
                 if let Some((pid, status)) = shell_status(ws) {

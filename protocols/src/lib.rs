@@ -62,6 +62,29 @@ pub fn parse_stdio_header(line: &str) -> Option<(&str, &str, &str)> {
     Some((c, if e == "-" { "" } else { e }, s))
 }
 
+/// Copies with read(2)/write(2) through a 64 KiB buffer until EOF, for
+/// both ends of a stdio stream. Not `std::io::copy`: on Linux it splices,
+/// and splice(2) between a socket and a pipe holds the pipe's lock while it
+/// waits on the socket, so a container process closing its stdin at exit
+/// hangs in `pipe_release` (state D) until the host sends something.
+pub fn copy_plain(
+    from: &mut impl std::io::Read,
+    to: &mut impl std::io::Write,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
 /// Version of the agent API described by these protos; bumped when an RPC
 /// changes meaning.
 pub const API_VERSION: u32 = 2;

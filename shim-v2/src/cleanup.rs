@@ -4,8 +4,6 @@
 
 use std::path::Path;
 
-use crate::service::unmount_rootfs;
-
 /// Host processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<i32> {
     let me = std::process::id();
@@ -40,7 +38,7 @@ fn shim_alive(bundle: &Path) -> bool {
 /// Cleans up after container `id` with bundle `bundle`, whose sandbox
 /// state would be `<run_root>/<id>`.
 pub fn cleanup(id: &str, bundle: &Path, run_root: &Path) {
-    unmount_rootfs(bundle);
+    crate::rootfs::unmount(bundle);
     if husk_runtime::sandbox::validate_id(id).is_err() || shim_alive(bundle) {
         return;
     }

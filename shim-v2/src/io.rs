@@ -70,9 +70,10 @@ pub fn open_output(uri: &str) -> Result<Option<File>> {
     Ok(Some(w))
 }
 
-/// Opens an input. A FIFO is opened (blocking until containerd's writer
-/// arrives) on a thread that copies it into a pipe, so a writer that shows
-/// up late still gets through and its close is the process's EOF.
+/// Opens an input. A FIFO is opened for reading at once, without waiting
+/// for a writer (so containerd's writer can open it), and copied into a
+/// pipe on a thread: EOF comes when a writer has come and gone, however
+/// early or late it came.
 pub fn open_input(uri: &str) -> Result<Option<File>> {
     if uri.is_empty() {
         return Ok(None);
@@ -84,21 +85,48 @@ pub fn open_input(uri: &str) -> Result<Option<File>> {
         let f = File::open(uri).map_err(|e| ShimError::io(format!("opening {uri:?}"), e))?;
         return Ok(Some(f));
     }
+    let fifo = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(uri)
+        .map_err(|e| ShimError::io(format!("opening stdin FIFO {uri:?}"), e))?;
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ShimError::io("creating a stdin pipe", e.into()))?;
-    let path = uri.to_string();
     let mut w = File::from(w);
     std::thread::Builder::new()
         .name("stdin-fifo".into())
-        .spawn(move || match File::open(&path) {
-            Ok(mut f) => {
-                let _ = std::io::copy(&mut f, &mut w);
-                let _ = w.flush();
+        .spawn(move || {
+            if let Err(e) = copy_fifo(&fifo, &mut w) {
+                log::debug!("stdin copy ended: {e}");
             }
-            Err(e) => log::warn!("opening stdin FIFO {path:?}: {e}"),
         })
         .map_err(|e| ShimError::io("starting the stdin thread", e))?;
     Ok(Some(File::from(r)))
+}
+
+/// Copies a non-blocking FIFO read end to `to` until a writer has closed
+/// it. A FIFO that never had a writer polls as not ready (no POLLHUP), so
+/// this waits for the first writer rather than seeing EOF early.
+fn copy_fifo(fifo: &File, to: &mut File) -> std::io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut reader = fifo;
+    loop {
+        let mut fds = [PollFd::new(fifo.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match reader.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => to.write_all(&buf[..n])?,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -122,6 +150,25 @@ mod tests {
         let mut s = String::new();
         r.read_to_string(&mut s).unwrap();
         assert_eq!(s, "hi\n");
+    }
+
+    #[test]
+    fn fifo_input_sees_eof_of_an_early_writer() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("in");
+        mkfifo(&p);
+        let p2 = p.clone();
+        // The writer blocks in open until our reader exists, writes, and
+        // is gone before the copy thread gets to read.
+        let w = std::thread::spawn(move || {
+            let mut w = OpenOptions::new().write(true).open(&p2).unwrap();
+            w.write_all(b"early").unwrap();
+        });
+        let mut r = open_input(p.to_str().unwrap()).unwrap().unwrap();
+        w.join().unwrap();
+        let mut s = String::new();
+        r.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "early");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod cleanup;
 pub mod error;
 pub mod io;
 pub mod owner;
+pub mod rootfs;
 pub mod service;
 pub mod shim;
 

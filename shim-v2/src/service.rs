@@ -8,7 +8,7 @@
 //! output, files the exit, wakes `Wait` callers and publishes TaskExit.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use containerd_shim::api::{self, Status};
@@ -161,10 +161,10 @@ impl Inner {
                 *sb = Some(self.owner.start(cfg, &self.sandbox_id)?);
             }
         }
-        let rootfs_mounted = mount_rootfs(&bundle, &req.rootfs)?;
+        let rootfs_mounted = crate::rootfs::mount_all(&bundle, &req.rootfs)?;
         let undo = || {
             if rootfs_mounted {
-                unmount_rootfs(&bundle);
+                crate::rootfs::unmount(&bundle);
             }
         };
         let stdio = crate::io::open_stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal)
@@ -318,7 +318,7 @@ impl Inner {
             self.with_sb(|sb| sb.delete_container(id))?;
             let c = lock(&self.tasks).remove(id);
             if let Some(c) = c.filter(|c| c.rootfs_mounted) {
-                unmount_rootfs(&c.bundle);
+                crate::rootfs::unmount(&c.bundle);
             }
             self.publish(TaskDelete {
                 container_id: id.to_string(),
@@ -480,38 +480,6 @@ impl Inner {
     }
 }
 
-/// Mounts containerd's rootfs mounts (the snapshot) on `<bundle>/rootfs`.
-/// Returns whether anything was mounted.
-fn mount_rootfs(
-    bundle: &Path,
-    mounts: &[containerd_shim::protos::types::mount::Mount],
-) -> Result<bool> {
-    if mounts.is_empty() {
-        return Ok(false);
-    }
-    let target = bundle.join("rootfs");
-    std::fs::create_dir_all(&target)
-        .map_err(|e| ShimError::io(format!("creating {target:?}"), e))?;
-    for m in mounts {
-        let ty = (!m.type_.is_empty()).then_some(m.type_.as_str());
-        let src = (!m.source.is_empty()).then_some(m.source.as_str());
-        if let Err(e) = containerd_shim::mount::mount_rootfs(ty, src, &m.options, &target) {
-            unmount_rootfs(bundle);
-            return Err(ShimError::io(
-                format!("mounting the rootfs ({}) on {target:?}: {e}", m.type_),
-                std::io::Error::other(e.to_string()),
-            ));
-        }
-    }
-    Ok(true)
-}
-
-/// Unmounts `<bundle>/rootfs` (all layers), logging failures.
-pub fn unmount_rootfs(bundle: &Path) {
-    let target = bundle.join("rootfs");
-    while nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
-}
-
 fn reply<T>(r: Result<T>) -> TtrpcResult<T> {
     r.map_err(|e| {
         log::warn!("{e}");
@@ -591,8 +559,15 @@ impl Task for TaskService {
         reply(
             self.inner
                 .with_sb(|sb| sb.kill(&req.id, &req.exec_id, req.signal, req.all)),
-        )
-        .map(|()| Empty::new())
+        )?;
+        if req.signal == 9 {
+            // A killed process reads no more input; and husk reports an
+            // exit only once the process's stdin stream has ended.
+            let _ = self
+                .inner
+                .with_sb(|sb| sb.close_stdin(&req.id, &req.exec_id));
+        }
+        Ok(Empty::new())
     }
 
     fn exec(&self, _: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<Empty> {

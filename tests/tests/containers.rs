@@ -443,3 +443,32 @@ fn pause_resume_update_and_a_vm_that_dies_mid_exec() {
     drop(sb);
     assert_nothing_left(pod.run.path());
 }
+
+#[test]
+fn a_process_exits_while_its_stdin_is_still_open() {
+    let Some(pod) = Pod::new("a_process_exits_while_its_stdin_is_still_open") else {
+        return;
+    };
+    let b = pod.bundle("e", &["echo", "hi"], |_| {});
+    // The host keeps the writer open: the process must still be reaped.
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let (p, f) = pod.out("e.out");
+    let stdio = Stdio {
+        stdin: Some(std::fs::File::from(r)),
+        stdout: Some(f),
+        ..Default::default()
+    };
+    pod.sb().create_container("e", &b, stdio).unwrap();
+    pod.sb().start_container("e").unwrap();
+    let t0 = std::time::Instant::now();
+    assert_eq!(pod.sb().wait("e", "").unwrap(), 0);
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(std::fs::read_to_string(p).unwrap(), "hi\n");
+    pod.sb().delete_container("e").unwrap();
+    drop(w);
+    pod.stop();
+}

@@ -286,6 +286,7 @@ impl Manager {
             }
             cleanup(e)
         })?;
+        crate::reaper::watch(pid);
         let entry = ContainerEntry {
             init: Arc::new(ProcessEntry { pid, io }),
             execs: Mutex::new(HashMap::new()),
@@ -353,6 +354,7 @@ impl Manager {
         });
         let _ = std::fs::remove_file(&path);
         let (pid, io) = res?;
+        crate::reaper::watch(pid);
         c.execs
             .lock()
             .unwrap_or_else(|p| p.into_inner())

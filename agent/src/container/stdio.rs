@@ -175,7 +175,7 @@ fn spawn_copy(mut from: File, mut to: File, shutdown_to: bool) -> io::Result<()>
     std::thread::Builder::new()
         .name("stdio".into())
         .spawn(move || {
-            match io::copy(&mut from, &mut to) {
+            match husk_protocols::copy_plain(&mut from, &mut to) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
                 Err(e) => tracing::debug!("stdio copy ended: {e}"),
