@@ -132,12 +132,28 @@ impl OwnedChild {
 
     /// SIGKILLs and reaps the child (and, for a group leader, its group).
     pub fn kill(&mut self) -> Result<ExitStatus> {
+        let mut forks = Vec::new();
         if self.group {
-            // Whatever the child forked goes too, even once the child is
-            // reaped (the group outlives its leader).
+            // Whatever the child forked goes too: its process group, and
+            // its descendants by /proc (a fork may have left the group,
+            // e.g. virtiofsd's sandboxed child).
+            forks = descendants(self.child.id());
             let _ =
                 nix::sys::signal::killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+            for p in &forks {
+                let _ = kill(Pid::from_raw(*p as i32), Signal::SIGKILL);
+            }
         }
+        let res = self.kill_leader();
+        // They are not ours to reap; wait (briefly) until they are dead.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while forks.iter().any(|p| running(*p)) && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        res
+    }
+
+    fn kill_leader(&mut self) -> Result<ExitStatus> {
         if let Some(s) = self.try_wait()? {
             return Ok(s);
         }
@@ -155,6 +171,38 @@ impl Drop for OwnedChild {
     fn drop(&mut self) {
         let _ = self.kill();
     }
+}
+
+/// All descendants of `pid`, from /proc's children lists.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let text = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in text
+                .split_ascii_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
 
 /// Describes an exit status in words ("exit code 1", "killed by SIGKILL").

@@ -88,7 +88,7 @@ fn copy_thread(
     std::thread::Builder::new()
         .name("husk-stdio".into())
         .spawn(move || {
-            if let Err(e) = husk_protocols::copy_plain(&mut from, &mut to) {
+            if let Err(e) = std::io::copy(&mut from, &mut to) {
                 tracing::debug!("stdio copy ended: {e}");
             }
             let _ = to.flush();

@@ -175,7 +175,14 @@ fn spawn_copy(mut from: File, mut to: File, shutdown_to: bool) -> io::Result<()>
     std::thread::Builder::new()
         .name("stdio".into())
         .spawn(move || {
-            match husk_protocols::copy_plain(&mut from, &mut to) {
+            // Output (pipe or pty to socket) may splice; input (socket to
+            // pipe) must not: see `husk_protocols::copy_plain`.
+            let res = if shutdown_to {
+                io::copy(&mut from, &mut to)
+            } else {
+                husk_protocols::copy_plain(&mut from, &mut to)
+            };
+            match res {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
                 Err(e) => tracing::debug!("stdio copy ended: {e}"),
