@@ -62,8 +62,8 @@ pub fn parse_stdio_header(line: &str) -> Option<(&str, &str, &str)> {
     Some((c, if e == "-" { "" } else { e }, s))
 }
 
-/// Copies with read(2)/write(2) through a 64 KiB buffer until EOF, for
-/// both ends of a stdio stream. Not `std::io::copy`: on Linux it splices,
+/// Copies with read(2)/write(2) through a 64 KiB buffer until EOF: what
+/// feeds a process's stdin pipe. Not `std::io::copy`: on Linux it splices,
 /// and splice(2) between a socket and a pipe holds the pipe's lock while it
 /// waits on the socket, so a container process closing its stdin at exit
 /// hangs in `pipe_release` (state D) until the host sends something.
