@@ -256,6 +256,20 @@ impl Pod {
         busybox_bundle(self.work.path(), name, args, false, edit)
     }
 
+    /// Asserts the sandbox holds no container: none known to the runtime,
+    /// nothing in the share, no mount under it but the share itself.
+    pub fn assert_no_containers_left(&self) {
+        let sb = self.sb();
+        assert!(sb.container_ids().is_empty());
+        let share = sb.shared_dir().unwrap().to_path_buf();
+        assert_eq!(
+            std::fs::read_dir(&share).unwrap().count(),
+            0,
+            "share not clean"
+        );
+        assert_eq!(mounts_under(&share), vec![share.display().to_string()]);
+    }
+
     /// A new output file in the work directory.
     pub fn out(&self, name: &str) -> (PathBuf, File) {
         let p = self.work.path().join(name);

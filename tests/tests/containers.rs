@@ -191,17 +191,7 @@ fn broken_bundles_are_refused_and_leave_nothing() {
         .to_string();
     assert!(e.contains("rootfs"), "{e}");
 
-    assert!(sb.container_ids().is_empty());
-    let share = sb.shared_dir().unwrap().to_path_buf();
-    assert_eq!(
-        std::fs::read_dir(&share).unwrap().count(),
-        0,
-        "share not clean"
-    );
-    assert_eq!(
-        husk_tests::mounts_under(&share),
-        vec![share.display().to_string()]
-    );
+    pod.assert_no_containers_left();
     // The sandbox still works.
     let b = pod.bundle("ok", &["true"], |_| {});
     assert_eq!(pod.run("ok", &b, None).0, 0);
