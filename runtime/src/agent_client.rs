@@ -141,6 +141,18 @@ impl AgentClient {
         })
     }
 
+    /// A new connection to the agent of the VM whose hybrid-vsock socket
+    /// is `uds` (for processes other than the sandbox's owner, too).
+    pub fn dial(uds: &Path) -> Result<AgentClient> {
+        let s = hybrid_connect(uds, husk_protocols::AGENT_VSOCK_PORT, RPC_TIMEOUT)?.ok_or_else(
+            || Error::Handshake {
+                path: uds.to_path_buf(),
+                reason: "the agent refused a new connection".into(),
+            },
+        )?;
+        AgentClient::from_stream(s)
+    }
+
     /// Connects to a ttrpc address directly (`unix://...`), as used for an
     /// agent running on the host in tests.
     pub fn connect_addr(addr: &str) -> Result<AgentClient> {

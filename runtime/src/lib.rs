@@ -15,6 +15,7 @@ pub mod host;
 pub mod hypervisor;
 pub mod kernel_cmdline;
 pub mod process;
+pub mod remains;
 pub mod sandbox;
 pub mod shared_fs;
 pub mod stdio;

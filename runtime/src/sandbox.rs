@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use husk_protocols::agent::VersionResponse;
 
-use crate::agent_client::{hybrid_connect, wait_for_agent, AgentClient, RPC_TIMEOUT};
+use crate::agent_client::{wait_for_agent, AgentClient, RPC_TIMEOUT};
 use crate::config::RuntimeConfig;
 use crate::container::ContainerState;
 use crate::error::{Error, Result};
@@ -200,12 +200,7 @@ impl Sandbox {
 
     /// A new, separate connection to the agent (for calls that block).
     pub fn dial_agent(&self) -> Result<AgentClient> {
-        let s = hybrid_connect(&self.uds, husk_protocols::AGENT_VSOCK_PORT, RPC_TIMEOUT)?
-            .ok_or_else(|| Error::Handshake {
-                path: self.uds.clone(),
-                reason: "the agent refused a new connection".into(),
-            })?;
-        AgentClient::from_stream(s)
+        AgentClient::dial(&self.uds)
     }
 
     /// The host side of the shared directory, if the sandbox has one.

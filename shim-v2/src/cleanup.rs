@@ -4,27 +4,6 @@
 
 use std::path::Path;
 
-/// Host processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<i32> {
-    let me = std::process::id();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| u32::try_from(pid).ok() != Some(me))
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|raw| {
-                    String::from_utf8_lossy(&raw)
-                        .replace('\0', " ")
-                        .contains(needle)
-                })
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 /// Whether a live shim still answers at the address in `<bundle>/address`
 /// (then the sandbox is still in use by other containers of the pod).
 fn shim_alive(bundle: &Path) -> bool {
@@ -42,27 +21,7 @@ pub fn cleanup(id: &str, bundle: &Path, run_root: &Path) {
     if husk_runtime::sandbox::validate_id(id).is_err() || shim_alive(bundle) {
         return;
     }
-    let dir = run_root.join(id);
-    if !dir.exists() {
-        return;
-    }
-    // The VMM and its helpers die with the shim (PDEATHSIG); this is for
-    // the case where they did not.
-    let needle = format!("{}/", dir.display());
-    for pid in processes_mentioning(&needle) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let mut mounts = husk_runtime::shared_fs::mounts_under(&dir);
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in mounts {
-        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-    }
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        log::warn!("removing {dir:?}: {e}");
-    }
+    husk_runtime::remains::remove_sandbox_remains(&run_root.join(id));
 }
 
 #[cfg(test)]

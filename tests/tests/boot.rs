@@ -56,3 +56,47 @@ fn dropping_a_sandbox_kills_its_vm() {
     }
     assert_nothing_left(run.path());
 }
+
+/// The same boot on the husk-vmm backend, wherever the host has hardware
+/// KVM (vmx/svm). husk-vmm has no virtio-fs yet, so the sandbox has no share.
+#[test]
+fn husk_vmm_sandbox_boots_to_agent_and_stops_clean_on_hardware_kvm() {
+    let host = HostProbe::detect();
+    if !host.kvm.runs_linux() {
+        eprintln!(
+            "SKIP husk_vmm_sandbox_boots_to_agent_and_stops_clean_on_hardware_kvm: {} \
+             (vmm/tests/kvm_linux_boot.rs covers husk-vmm's clean failure there)",
+            host.kvm.describe()
+        );
+        return;
+    }
+    let run = tempfile::tempdir().unwrap();
+    let mut cfg = e2e_config(run.path());
+    cfg.backend =
+        husk_runtime::config::BackendSetting::Fixed(husk_runtime::hypervisor::BackendKind::HuskVmm);
+    cfg.shared_fs = false;
+    if cfg.husk_vmm.is_none() {
+        cfg.husk_vmm = Some(husk_tests::bin("husk-vmm"));
+    }
+    let sb = Sandbox::start(&cfg, &host, "vmmboot").unwrap();
+    eprintln!("husk-vmm: agent ready {:?} after spawn", sb.ready_after());
+    let v = sb.version().unwrap();
+    assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(v.kernel_release.starts_with("6.1."), "{}", v.kernel_release);
+    assert!(sb.agent().check(Duration::from_secs(5)).unwrap());
+    let pids = sb.pids();
+    assert_eq!(pids.len(), 1, "husk-vmm alone: {pids:?}");
+    let dir = sb.dir().to_path_buf();
+    let exit = sb.stop().unwrap();
+    assert_eq!(exit.status.and_then(|s| s.code()), Some(0), "{exit:?}");
+    assert!(!dir.exists());
+    assert!(!alive(pids[0]), "husk-vmm survived stop");
+    assert_nothing_left(run.path());
+
+    // Dropping the sandbox kills husk-vmm too.
+    let sb = Sandbox::start(&cfg, &host, "vmmdrop").unwrap();
+    let pids = sb.pids();
+    drop(sb);
+    assert!(!alive(pids[0]), "husk-vmm survived drop");
+    assert_nothing_left(run.path());
+}

@@ -111,8 +111,12 @@ impl Drop for ChildGuard {
 }
 
 /// The husk-vmm binary.
+/// `HUSK_VMM` overrides the binary (for test binaries copied to another machine).
 pub fn husk_vmm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+    match std::env::var_os("HUSK_VMM") {
+        Some(p) => Command::new(p),
+        None => Command::new(env!("CARGO_BIN_EXE_husk-vmm")),
+    }
 }
 
 /// Run husk-vmm with `args` until it exits; fails the test after `timeout`.
