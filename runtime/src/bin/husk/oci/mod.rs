@@ -28,7 +28,8 @@ pub struct Global {
 /// Reports an error as runc does: on stderr, and in the log file (in its
 /// format) where callers such as containerd and conmon look for it.
 pub fn log_error(g: &Global, msg: &str) {
-    eprintln!("husk: {msg}");
+    let time = &state::now_rfc3339()[..19];
+    eprintln!("time=\"{time}Z\" level=error msg={msg:?}");
     log_error_to_file(g, msg);
 }
 
