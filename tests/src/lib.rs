@@ -17,6 +17,9 @@ use husk_runtime::host::which;
 use husk_runtime::host::HostProbe;
 use husk_runtime::{Sandbox, Stdio};
 
+pub mod containerd;
+pub mod podman;
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

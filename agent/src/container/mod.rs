@@ -10,6 +10,7 @@
 pub mod cgroup;
 pub mod executor;
 pub mod stdio;
+pub mod sysctl;
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixListener;
@@ -32,6 +33,9 @@ use stdio::{ChildStdio, ProcessIo};
 pub const STATE_ROOT: &str = "/run/husk-agent/containers";
 /// Where the agent writes each container's bundle (config.json, exec specs).
 pub const BUNDLES: &str = "/run/husk-agent/bundles";
+
+/// Where console sockets for libcontainer are bound (briefly).
+const CONSOLE_SOCKETS: &str = "/run/husk-agent/tty";
 /// How long a terminal process may take to hand over its pty.
 const PTY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -122,8 +126,19 @@ enum Wiring {
     Terminal(UnixListener, PathBuf),
 }
 
-fn prepare_stdio(spec: &StdioSpec, console_path: &Path) -> Result<Wiring> {
+/// A fresh console socket path, short whatever the ids (sun_path holds
+/// 108 bytes; container and exec ids may be 64 characters each).
+fn console_socket_path() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Path::new(CONSOLE_SOCKETS).join(format!("{n}.sock"))
+}
+
+fn prepare_stdio(spec: &StdioSpec) -> Result<Wiring> {
     if spec.terminal {
+        let console_path = &console_socket_path();
+        std::fs::create_dir_all(CONSOLE_SOCKETS)
+            .map_err(|e| internal("creating the console socket directory")(e.to_string()))?;
         let _ = std::fs::remove_file(console_path);
         let l = UnixListener::bind(console_path)
             .map_err(|e| internal("binding the console socket")(e.to_string()))?;
@@ -248,6 +263,8 @@ impl Manager {
                 stdio_spec.terminal
             )));
         }
+        let net_sysctls = sysctl::take_shared_net_sysctls(&mut spec)?;
+        sysctl::apply(&net_sysctls)?;
         let cgroups_path = PathBuf::from(format!("/husk/{id}"));
         if let Some(linux) = spec.linux_mut() {
             linux.set_cgroups_path(Some(cgroups_path.clone()));
@@ -261,7 +278,7 @@ impl Manager {
         };
         spec.save(bundle.join("config.json"))
             .map_err(|e| cleanup(internal("writing config.json")(e.to_string())))?;
-        let wiring = prepare_stdio(stdio_spec, &bundle.join("console.sock")).map_err(cleanup)?;
+        let wiring = prepare_stdio(stdio_spec).map_err(cleanup)?;
         let b = builder(id).map_err(cleanup)?;
         let bundle2 = bundle.clone();
         let (pid, io) = with_stdio(wiring, b, move |b| {
@@ -342,7 +359,7 @@ impl Manager {
         let path = c.bundle.join(format!("exec-{exec_id}.json"));
         std::fs::write(&path, process_json)
             .map_err(|e| internal("writing the exec spec")(e.to_string()))?;
-        let wiring = prepare_stdio(stdio_spec, &c.bundle.join(format!("exec-{exec_id}.sock")))?;
+        let wiring = prepare_stdio(stdio_spec)?;
         let b = builder(id)?;
         let res = with_stdio(wiring, b, |b| {
             b.as_tenant()

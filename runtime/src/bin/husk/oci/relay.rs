@@ -69,7 +69,10 @@ impl HostPty {
     /// Makes the pty this process's controlling terminal in a new session,
     /// so a resize of the master raises SIGWINCH here.
     pub fn become_controlling_terminal(&self) -> Result<()> {
-        nix::unistd::setsid().context("setsid")?;
+        let me = nix::unistd::getpid();
+        if nix::unistd::getsid(None).ok() != Some(me) {
+            nix::unistd::setsid().context("setsid")?;
+        }
         // SAFETY: TIOCSCTTY takes an int argument (0: do not steal) and
         // only reads it; the fd is a valid open pty slave.
         let rc = unsafe { libc::ioctl(self.slave.as_raw_fd(), libc::TIOCSCTTY, 0) };

@@ -1,0 +1,473 @@
+//! A private containerd 1.6 for end-to-end tests: its own root, state,
+//! socket and shim PATH under a temporary directory, the offline busybox
+//! image imported, and `ctr` pointed at it.
+//!
+//! Used by `shim-v2/tests/ctr.rs` (containerd running husk's own shim,
+//! `io.containerd.husk.v2`) and `tests/tests/runc_shim.rs` (containerd's
+//! runc shim, `io.containerd.runc.v2`, driving an OCI runtime binary given
+//! by path). Which runtime `ctr run` asks for is a list of `ctr run` flags
+//! ([`Builder::runtime`]).
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_runtime::host::which;
+
+use crate::{mounts_under, processes_mentioning};
+
+/// The reference the busybox image is imported under.
+pub const IMAGE: &str = "docker.io/library/busybox:latest";
+/// The containerd namespace the tests use.
+pub const NS: &str = "husk-test";
+
+/// Why a containerd test cannot run here (and is skipped), or `None`:
+/// `containerd`, `ctr` or one of `tools` is not installed, or this is not
+/// root. A containerd that is there but broken is no reason: starting it
+/// fails the test.
+pub fn skip_reason(tools: &[&str]) -> Option<String> {
+    for tool in ["containerd", "ctr"].iter().chain(tools) {
+        if which(tool).is_none() {
+            return Some(format!(
+                "{tool} is not installed (scripts/deps.sh installs it)"
+            ));
+        }
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Some("containerd needs root".into());
+    }
+    None
+}
+
+/// Sets up a private containerd before it starts.
+pub struct Builder {
+    dir: tempfile::TempDir,
+    shims: Vec<PathBuf>,
+    env: Vec<(OsString, OsString)>,
+    runtime: Vec<String>,
+    private_fifos: bool,
+}
+
+impl Builder {
+    /// The temporary directory that will hold everything of this
+    /// containerd (root, state, socket, log); removed when the
+    /// [`Containerd`] is dropped.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Puts a shim binary (`containerd-shim-NAME-v2`) into a directory
+    /// first in containerd's PATH, by a link of the same name.
+    pub fn shim(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.shims.push(path.into());
+        self
+    }
+
+    /// Adds a variable to containerd's environment (its shims inherit it).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Builder {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The `ctr run` flags that choose the runtime, e.g. `--runtime
+    /// io.containerd.husk.v2` (used by [`Containerd::run`] and
+    /// [`Containerd::run_detached`]).
+    pub fn runtime(mut self, flags: &[&str]) -> Builder {
+        self.runtime = flags.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Has `ctr run` and `ctr task exec` keep their IO FIFOs in this
+    /// containerd's directory instead of the shared `/run/containerd/fifo`.
+    pub fn private_fifos(mut self) -> Builder {
+        self.private_fifos = true;
+        self
+    }
+
+    /// Starts containerd and waits until `ctr version` answers; panics
+    /// (with containerd's log) if it does not within 30 s.
+    pub fn start(self) -> Containerd {
+        let d = self.dir.path();
+        let bin = d.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for shim in &self.shims {
+            assert!(
+                shim.exists(),
+                "{shim:?} is missing: run `cargo build --workspace --bins` (tests/run.sh does)"
+            );
+            std::os::unix::fs::symlink(shim, bin.join(shim.file_name().unwrap())).unwrap();
+        }
+        let sock = d.join("containerd.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "debug"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]
+  runtime_type = "io.containerd.husk.v2"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = sock.display(),
+        );
+        std::fs::write(d.join("config.toml"), config).unwrap();
+        // The shims inherit containerd's environment: the extra variables
+        // and the linked shims first in PATH.
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", path)
+            .envs(self.env)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        let fifo_dir = self.private_fifos.then(|| d.join("fifo"));
+        let c = Containerd {
+            child,
+            dir: self.dir,
+            sock,
+            runtime: self.runtime,
+            fifo_dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come up\n{}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c
+    }
+}
+
+/// A running private containerd; stopped (SIGTERM, then SIGKILL) when
+/// dropped. Dropped during a panic, it first kills and removes whatever
+/// tasks and containers are left, so a failed test leaves no containers
+/// or mounts behind.
+pub struct Containerd {
+    child: Child,
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+    runtime: Vec<String>,
+    fifo_dir: Option<PathBuf>,
+}
+
+impl Containerd {
+    /// A containerd set up by the returned builder, in a new temporary
+    /// directory.
+    pub fn builder() -> Builder {
+        Builder {
+            dir: tempfile::tempdir().unwrap(),
+            shims: Vec::new(),
+            env: Vec::new(),
+            runtime: Vec::new(),
+            private_fifos: false,
+        }
+    }
+
+    /// The temporary directory holding everything of this containerd.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// containerd's state directory (task bundles, with their rootfs
+    /// mounts, live under it).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir().join("state")
+    }
+
+    /// containerd's log so far (debug level).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// `ctr` against this containerd and namespace (under `timeout 120`).
+    pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("timeout");
+        c.arg("120")
+            .arg("ctr")
+            .arg("-a")
+            .arg(&self.sock)
+            .arg("-n")
+            .arg(NS)
+            .args(args);
+        c
+    }
+
+    /// Runs `ctr` with stdin closed.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running ctr")
+    }
+
+    /// Imports the OCI image layout `layout` as [`IMAGE`].
+    pub fn import_busybox(&self, layout: &Path) {
+        let tar = self.dir().join("busybox.tar");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(layout)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let out = self.ctr(&[
+            "images",
+            "import",
+            "--base-name",
+            "docker.io/library/busybox",
+            tar.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "import: {out:?}");
+    }
+
+    /// `--fifo-dir DIR` when FIFOs are private, else nothing.
+    fn fifo_flags(&self) -> Vec<&str> {
+        match &self.fifo_dir {
+            Some(d) => vec!["--fifo-dir", d.to_str().unwrap()],
+            None => Vec::new(),
+        }
+    }
+
+    /// The arguments of `ctr` for `run [-d|--rm|...] <runtime> IMAGE id
+    /// args`; `mode` are the flags after `run`.
+    pub fn run_args<'a>(&'a self, mode: &[&'a str], id: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+        let mut full = vec!["run"];
+        full.extend(self.fifo_flags());
+        full.extend(self.runtime.iter().map(String::as_str));
+        full.extend_from_slice(mode);
+        full.extend_from_slice(&[IMAGE, id]);
+        full.extend_from_slice(args);
+        full
+    }
+
+    /// `ctr run --rm` with `stdin` fed through a pipe; returns (exit code,
+    /// stdout, stderr).
+    pub fn run(&self, id: &str, args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+        self.with_stdin(&self.run_args(&["--rm"], id, args), stdin)
+    }
+
+    /// `ctr run -d`: the task is left running.
+    pub fn run_detached(&self, id: &str, args: &[&str]) -> Output {
+        self.ctr(&self.run_args(&["-d"], id, args))
+    }
+
+    /// The arguments of `ctr` for `task exec --exec-id exec_id container
+    /// args`.
+    pub fn exec_args<'a>(
+        &'a self,
+        container: &'a str,
+        exec_id: &'a str,
+        args: &[&'a str],
+    ) -> Vec<&'a str> {
+        let mut full = vec!["task", "exec"];
+        full.extend(self.fifo_flags());
+        full.extend_from_slice(&["--exec-id", exec_id, container]);
+        full.extend_from_slice(args);
+        full
+    }
+
+    /// `ctr task exec --exec-id exec_id container args` with `stdin` fed
+    /// through a pipe; returns (exit code, stdout, stderr).
+    pub fn exec(
+        &self,
+        container: &str,
+        exec_id: &str,
+        args: &[&str],
+        stdin: &[u8],
+    ) -> (i32, String, String) {
+        self.with_stdin(&self.exec_args(container, exec_id, args), stdin)
+    }
+
+    /// Runs ctr with `stdin` fed through a pipe; returns (exit code,
+    /// stdout, stderr).
+    pub fn with_stdin(&self, args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+        let mut child = self
+            .ctr_cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin).unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs ctr for a process that echoes its stdin (`cat`): writes
+    /// `stdin` at once but closes it only once all of it came back on
+    /// stdout. ctr forwards the end of its stdin (CloseIO) only once the
+    /// task exists: an end read before that is lost, and a shim that keeps
+    /// the stdin FIFO open (runc's does) never closes the process's stdin.
+    /// Returns (exit code, stdout, stderr).
+    pub fn with_stdin_echoed(&self, args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+        let mut child = self
+            .ctr_cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let err = std::thread::spawn(move || {
+            let mut e = Vec::new();
+            let _ = stderr.read_to_end(&mut e);
+            e
+        });
+        input.write_all(stdin).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !out.windows(stdin.len().max(1)).any(|w| w == stdin) {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        drop(input);
+        let _ = stdout.read_to_end(&mut out);
+        let err = err.join().unwrap();
+        let status = child.wait().unwrap();
+        (
+            status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+        )
+    }
+
+    /// The STATUS column of `ctr task ls` for `id` (empty when there is no
+    /// such task).
+    pub fn task_status(&self, id: &str) -> String {
+        let out = self.ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for `done(status of id)`; returns the last
+    /// status seen on timeout.
+    pub fn wait_for_task(
+        &self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.task_status(id);
+            if done(&status) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(status);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits up to 20 s until no process but containerd itself mentions
+    /// this containerd's directory (shims exit after their tasks are
+    /// deleted); returns those still there.
+    pub fn wait_for_no_processes(&self) -> Vec<(u32, String)> {
+        let needle = self.dir().display().to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left: Vec<_> = processes_mentioning(&needle)
+                .into_iter()
+                .filter(|(_, cmd)| !cmd.starts_with("containerd --config"))
+                .collect();
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops containerd and asserts nothing of it is left: no process
+    /// mentioning its directory, no mount under it.
+    pub fn stop_and_check(mut self) {
+        self.stop();
+        let dir = self.dir().display().to_string();
+        let left = processes_mentioning(&dir);
+        assert!(left.is_empty(), "processes left after containerd: {left:?}");
+        let mounts = mounts_under(self.dir());
+        assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+    }
+
+    /// Best effort after a failure: SIGKILL every task's processes, then
+    /// delete the tasks and containers (which unmounts their rootfs).
+    fn remove_everything(&self) {
+        let ids = |what: &str| -> Vec<String> {
+            let out = self.ctr(&[what, "ls", "-q"]);
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        };
+        for id in ids("tasks") {
+            let _ = self.ctr(&["task", "kill", "-a", "-s", "SIGKILL", &id]);
+            let _ = self.wait_for_task(&id, Duration::from_secs(10), |s| s != "RUNNING");
+            let _ = self.ctr(&["task", "delete", "--force", &id]);
+        }
+        for id in ids("containers") {
+            let _ = self.ctr(&["containers", "delete", &id]);
+        }
+    }
+
+    /// SIGTERM to containerd, SIGKILL after 10 s.
+    fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if std::thread::panicking() && matches!(self.child.try_wait(), Ok(None)) {
+            self.remove_everything();
+        }
+        self.stop();
+    }
+}
