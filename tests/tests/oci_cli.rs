@@ -489,3 +489,94 @@ fn husk_run_in_the_foreground_relays_and_removes_the_container() {
     assert_eq!(line["msg"], "container does not exist");
     assert_clean(&rt, dir.path());
 }
+
+#[test]
+fn husk_pause_resume_update_events_features_and_spec() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::husk(dir.path());
+    for args in [
+        &["resume", "nope"][..],
+        &["exec", "nope", "true"],
+        &["update", "--memory", "1000000", "nope"],
+        &["events", "--stats", "nope"],
+    ] {
+        let o = rt.run(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {o:?}");
+        assert!(stderr_of(&o).contains("does not exist"), "{args:?}: {o:?}");
+    }
+    let bundle = busybox_bundle(dir.path(), "b", &["sleep", "1000"], false, |_| {});
+    let o = rt
+        .cmd(&["run", "-d", "-b", bundle.to_str().unwrap(), "pr1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(o.success());
+    assert!(rt.run(&["pause", "pr1"]).status.success());
+    assert_eq!(rt.state("pr1")["status"], "paused");
+    let o = rt.run(&["pause", "pr1"]);
+    assert_eq!(o.status.code(), Some(1), "pausing twice: {o:?}");
+    assert_eq!(rt.run(&["exec", "pr1", "true"]).status.code(), Some(1));
+    assert!(rt.run(&["resume", "pr1"]).status.success());
+    assert_eq!(rt.state("pr1")["status"], "running");
+    let o = rt.run(&[
+        "update",
+        "--memory",
+        "67108864",
+        "--pids-limit",
+        "50",
+        "pr1",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let o = rt.run(&["events", "--stats", "pr1"]);
+    assert!(o.status.success(), "{o:?}");
+    let ev: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ev["type"], "stats");
+    assert_eq!(ev["id"], "pr1");
+    assert_eq!(ev["data"]["memory"]["usage"]["limit"], 67108864);
+    assert!(ev["data"]["pids"]["current"].as_u64().unwrap() >= 1, "{ev}");
+    assert!(
+        ev["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0,
+        "{ev}"
+    );
+    assert!(rt.run(&["delete", "-f", "pr1"]).status.success());
+    assert_clean(&rt, dir.path());
+
+    // features and spec have runc's shape.
+    let runc = Runtime::runc(dir.path());
+    let feat = |r: &Runtime| -> serde_json::Value {
+        serde_json::from_slice(&r.run(&["features"]).stdout).unwrap()
+    };
+    let (h, r) = (feat(&rt), feat(&runc));
+    for k in keys(&r) {
+        assert!(h.get(&k).is_some(), "features lacks {k}: {h}");
+    }
+    assert!(h["linux"]["namespaces"].as_array().unwrap().len() >= 7);
+    for (r, name) in [(&rt, "h"), (&runc, "r")] {
+        let b = dir.path().join(format!("spec-{name}"));
+        std::fs::create_dir_all(&b).unwrap();
+        assert!(r
+            .run(&["spec", "--bundle", b.to_str().unwrap()])
+            .status
+            .success());
+        // A second spec into the same bundle refuses to overwrite.
+        assert_eq!(
+            r.run(&["spec", "--bundle", b.to_str().unwrap()])
+                .status
+                .code(),
+            Some(1)
+        );
+    }
+    let spec = |n: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.path().join(n).join("config.json")).unwrap())
+            .unwrap()
+    };
+    let (hs, rs) = (spec("spec-h"), spec("spec-r"));
+    for k in keys(&rs) {
+        assert!(hs.get(&k).is_some(), "spec lacks {k}");
+    }
+    assert_eq!(hs["root"]["path"], rs["root"]["path"]);
+}

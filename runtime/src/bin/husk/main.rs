@@ -30,8 +30,9 @@ struct Cli {
     /// Accepted for runc compatibility (cgroups live in the guest).
     #[arg(long, global = true)]
     systemd_cgroup: bool,
-    /// Accepted for runc compatibility (true, false or auto).
-    #[arg(long, global = true)]
+    /// Accepted for runc compatibility (true, false or auto; also `spec
+    /// --rootless`).
+    #[arg(long, global = true, num_args = 0..=1, default_missing_value = "true")]
     rootless: Option<String>,
     /// Log level (error, warn, info, debug, trace) for messages on stderr.
     #[arg(long, global = true, default_value = "warn")]
@@ -127,9 +128,6 @@ enum Cmd {
         /// Bundle directory.
         #[arg(short, long, default_value = ".")]
         bundle: PathBuf,
-        /// Accepted for runc compatibility.
-        #[arg(long)]
-        rootless: bool,
     },
     /// Report what this host can run, ending with one verdict line.
     Check(check::CheckArgs),
@@ -219,6 +217,76 @@ fn main() {
         Err(e) => {
             oci::log_error(&g, &format!("{e:#}"));
             std::process::exit(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn runc_style_invocations_parse() {
+        for argv in [
+            &[
+                "husk",
+                "--root",
+                "/r",
+                "--log",
+                "/l",
+                "--log-format",
+                "json",
+                "create",
+                "--bundle",
+                "/b",
+                "--pid-file",
+                "/p",
+                "--console-socket",
+                "/s",
+                "id",
+            ][..],
+            &[
+                "husk",
+                "--root",
+                "/r",
+                "--systemd-cgroup",
+                "exec",
+                "--process",
+                "/p",
+                "--detach",
+                "--pid-file",
+                "/f",
+                "id",
+            ],
+            &[
+                "husk",
+                "exec",
+                "-t",
+                "--env",
+                "A=1",
+                "--cwd",
+                "/",
+                "--user",
+                "0:0",
+                "id",
+                "sh",
+                "-c",
+                "echo -n hi",
+            ],
+            &["husk", "kill", "--all", "id", "9"],
+            &["husk", "delete", "--force", "id"],
+            &["husk", "ps", "--format", "json", "id"],
+            &["husk", "events", "--stats", "id"],
+            &["husk", "spec", "--rootless", "-b", "/b"],
+            &["husk", "--rootless", "true", "list", "-q"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_ok(), "{argv:?}");
         }
     }
 }
