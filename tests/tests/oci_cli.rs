@@ -580,3 +580,36 @@ fn husk_pause_resume_update_events_features_and_spec() {
     }
     assert_eq!(hs["root"]["path"], rs["root"]["path"]);
 }
+
+#[test]
+fn signals_sent_to_the_husk_pid_reach_the_container() {
+    if skip() {
+        return;
+    }
+    become_subreaper();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::husk(dir.path());
+    let script = "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done";
+    let bundle = busybox_bundle(dir.path(), "b", &["sh", "-c", script], false, |_| {});
+    let pid = rt.create(dir.path(), &bundle, "sig1", &[]);
+    assert!(rt.run(&["start", "sig1"]).status.success());
+    let out = dir.path().join("husk-sig1.out");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&out).unwrap().contains("ready") {
+        assert!(Instant::now() < deadline, "the container never said ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(
+        wait_pid(pid),
+        7,
+        "SIGTERM to the host pid ran the container's trap"
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "ready\ngot-term\n");
+    assert!(rt.run(&["delete", "sig1"]).status.success());
+    assert_clean(&rt, dir.path());
+}
