@@ -376,6 +376,26 @@ fn husk_console_socket_gets_a_pty_and_exec_relays_status() {
     assert_eq!(o.status.code(), Some(4), "{o:?}");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "x=42\n");
 
+    // Foreground exec -t on the caller's own terminal (script's pty): raw
+    // on the host side, so one line discipline acts.
+    let line = format!(
+        "{} --root {} exec -t tty1 sh -c 'tty; echo in-tty'",
+        rt.bin.display(),
+        rt.root.display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        text.contains("/dev/pts/") && text.contains("\r\nin-tty"),
+        "{text:?}"
+    );
+    assert!(!text.contains("\r\r\n"), "{text:?}");
+
     assert!(rt.run(&["kill", "tty1", "9"]).status.success());
     assert_eq!(wait_pid(pid), 137);
     assert!(rt.run(&["delete", "tty1"]).status.success());

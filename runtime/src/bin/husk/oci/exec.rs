@@ -4,7 +4,7 @@
 //! process's status.
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 use oci_spec::runtime::Process;
 
 use super::lifecycle::write_pid_file;
-use super::relay::{self, HostPty};
+use super::relay::{self, HostPty, RawTerminal};
 use super::state::{Root, Status};
 use super::Global;
 
@@ -280,12 +280,13 @@ fn relay_exec(
                 return Err(e.into());
             }
         };
-        if let Some((rows, cols)) = pty.as_ref().and_then(HostPty::size) {
+        let size_fd = relay::terminal_fd(pty.as_ref(), terminal)?;
+        if let Some((rows, cols)) = size_fd.as_ref().and_then(|f| relay::window_size(f.as_fd())) {
             let _ = agent.tty_resize(id, &exec_id, rows, cols);
         }
-        Ok((agent, exec_id, copies, pty))
+        Ok((agent, exec_id, copies, size_fd))
     })();
-    let (agent, exec_id, mut copies, pty) = match result {
+    let (agent, exec_id, mut copies, size_fd) = match result {
         Ok(v) => v,
         Err(e) => {
             if let Some(mut s) = sync.take() {
@@ -294,21 +295,24 @@ fn relay_exec(
             return Err(e);
         }
     };
+    let detached = sync.is_some();
     if let Some(mut s) = sync.take() {
         relay::detach_std_fds()?;
         s.write_all(b"ok\n")?;
     }
     let signals = AgentClient::dial(uds)?;
     let (sid, seid) = (id.to_string(), exec_id.clone());
-    let slave = pty.as_ref().map(HostPty::slave).transpose()?;
+    // Foreground with the caller's own terminal: raw, so only the guest's
+    // line discipline acts.
+    let _raw = (!detached && console_socket.is_none() && size_fd.is_some())
+        .then(RawTerminal::on_stdin)
+        .flatten();
     relay::forward_signals(move |s| {
-        let res = match (&slave, s) {
-            (Some(fd), Signal::SIGWINCH) => {
-                match relay::window_size(std::os::fd::AsFd::as_fd(fd)) {
-                    Some((rows, cols)) => signals.tty_resize(&sid, &seid, rows, cols),
-                    None => Ok(()),
-                }
-            }
+        let res = match (&size_fd, s) {
+            (Some(fd), Signal::SIGWINCH) => match relay::window_size(fd.as_fd()) {
+                Some((rows, cols)) => signals.tty_resize(&sid, &seid, rows, cols),
+                None => Ok(()),
+            },
             (None, Signal::SIGWINCH) => Ok(()),
             _ => signals.signal_process(&sid, &seid, s as u32, false),
         };

@@ -249,6 +249,15 @@ pub fn run(g: &Global, a: RunArgs) -> Result<i32> {
     if a.detach {
         return Ok(0);
     }
+    let terminal = husk_runtime::bundle::load_spec(&record.bundle)
+        .ok()
+        .and_then(|s| s.process().as_ref().and_then(|p| p.terminal()))
+        .unwrap_or(false);
+    // The container uses our terminal: raw, so only the guest's line
+    // discipline acts.
+    let _raw = (terminal && a.create.console_socket.is_none())
+        .then(relay::RawTerminal::on_stdin)
+        .flatten();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     relay::forward_signals(move |s| {
         let _ = nix::sys::signal::kill(pid, s);

@@ -6,6 +6,7 @@
 //! (PDEATHSIG), so its pid lives exactly as long as the container.
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -78,12 +79,13 @@ fn monitor(g: &Global, a: &MonitorArgs, sync: &mut Option<std::fs::File>) -> Res
         Some(p) => p.stdio()?,
         None => relay::inherited_stdio(terminal)?,
     };
+    let size_fd = relay::terminal_fd(pty.as_ref(), terminal)?;
 
     let cfg = RuntimeConfig::from_env()?;
     let host = HostProbe::detect();
     let sb = Sandbox::start(&cfg, &host, &a.sandbox_id)?;
     sb.create_container(&a.id, &a.bundle, stdio)?;
-    if let Some((rows, cols)) = pty.as_ref().and_then(HostPty::size) {
+    if let Some((rows, cols)) = size_fd.as_ref().and_then(|f| relay::window_size(f.as_fd())) {
         let _ = sb.resize(&a.id, "", rows, cols);
     }
     let me = std::process::id() as i32;
@@ -101,12 +103,9 @@ fn monitor(g: &Global, a: &MonitorArgs, sync: &mut Option<std::fs::File>) -> Res
 
     let signals = AgentClient::dial(&sb.vsock_uds())?;
     let id = a.id.clone();
-    let slave = pty.as_ref().map(HostPty::slave).transpose()?;
     relay::forward_signals(move |s| {
         let res = if s == Signal::SIGWINCH {
-            let size = slave
-                .as_ref()
-                .and_then(|f| relay::window_size(std::os::fd::AsFd::as_fd(f)));
+            let size = size_fd.as_ref().and_then(|f| relay::window_size(f.as_fd()));
             match size {
                 Some((rows, cols)) => signals.tty_resize(&id, "", rows, cols),
                 None => Ok(()),

@@ -96,10 +96,52 @@ impl HostPty {
     pub fn slave(&self) -> Result<OwnedFd> {
         Ok(self.slave.try_clone()?)
     }
+}
 
-    /// The slave's window size (rows, cols), if set.
-    pub fn size(&self) -> Option<(u32, u32)> {
-        window_size(self.slave.as_fd())
+/// The fd whose window size a terminal process follows: the host pty's
+/// slave, or the caller's own terminal on fd 0 (foreground `run`/`exec -t`
+/// without a console socket). None for processes without a terminal.
+pub fn terminal_fd(pty: Option<&HostPty>, terminal: bool) -> Result<Option<OwnedFd>> {
+    if let Some(p) = pty {
+        return Ok(Some(p.slave()?));
+    }
+    if !terminal {
+        return Ok(None);
+    }
+    let stdin = std::io::stdin();
+    if !nix::unistd::isatty(stdin.as_raw_fd()).unwrap_or(false) {
+        return Ok(None);
+    }
+    Ok(Some(stdin.as_fd().try_clone_to_owned()?))
+}
+
+/// Puts the caller's terminal on fd 0 in raw mode while it lives (the
+/// guest's line discipline is the one that acts), restoring it on drop.
+#[derive(Debug)]
+pub struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    /// Raw mode on fd 0 if it is a terminal.
+    pub fn on_stdin() -> Option<RawTerminal> {
+        let stdin = std::io::stdin();
+        let saved = nix::sys::termios::tcgetattr(stdin.as_fd()).ok()?;
+        let mut raw = saved.clone();
+        nix::sys::termios::cfmakeraw(&mut raw);
+        nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, &raw)
+            .ok()?;
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin().as_fd(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
     }
 }
 
