@@ -633,3 +633,44 @@ fn signals_sent_to_the_husk_pid_reach_the_container() {
     assert!(rt.run(&["delete", "sig1"]).status.success());
     assert_clean(&rt, dir.path());
 }
+
+#[test]
+fn delete_force_cleans_up_after_create_is_killed_midway() {
+    if skip() {
+        return;
+    }
+    become_subreaper();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::husk(dir.path());
+    let bundle = busybox_bundle(dir.path(), "b", &["sleep", "1000"], false, |_| {});
+    let mut create = rt
+        .cmd(&["create", "-b", bundle.to_str().unwrap(), "half1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill `husk create` while the VM boots (its monitor has recorded
+    // itself and started the VM's processes).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = rt.run(&["state", "half1"]);
+        if o.status.success() {
+            let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let vm_up =
+                !husk_tests::processes_mentioning(&dir.path().join("vm").display().to_string())
+                    .is_empty();
+            if s["pid"].as_i64().unwrap_or(0) > 0 && vm_up {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no record of half1");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    create.kill().unwrap();
+    create.wait().unwrap();
+    let o = rt.run(&["delete", "-f", "half1"]);
+    assert!(o.status.success(), "{o:?}");
+    // The monitor, now our child, is gone: reap it.
+    let _ = nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    assert_clean(&rt, dir.path());
+}

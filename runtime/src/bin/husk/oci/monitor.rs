@@ -57,6 +57,14 @@ pub fn run(g: &Global, a: MonitorArgs) -> i32 {
 
 fn monitor(g: &Global, a: &MonitorArgs, sync: &mut Option<std::fs::File>) -> Result<i32> {
     let root = Root::open(&g.root)?;
+    // Recorded first, so a `delete -f` finds this process even if the
+    // `create` that spawned it was killed before it could record it.
+    let me = std::process::id() as i32;
+    let me_start = state::process_start_time(me).unwrap_or_default();
+    root.update(&a.id, |r| {
+        r.pid = me;
+        r.pid_start = me_start;
+    })?;
     let spec = husk_runtime::bundle::load_spec(&a.bundle)?;
     let terminal = spec
         .process()
@@ -88,10 +96,7 @@ fn monitor(g: &Global, a: &MonitorArgs, sync: &mut Option<std::fs::File>) -> Res
     if let Some((rows, cols)) = size_fd.as_ref().and_then(|f| relay::window_size(f.as_fd())) {
         let _ = sb.resize(&a.id, "", rows, cols);
     }
-    let me = std::process::id() as i32;
     root.update(&a.id, |r| {
-        r.pid = me;
-        r.pid_start = state::process_start_time(me).unwrap_or_default();
         r.status = Status::Created;
         r.sandbox_dir = sb.dir().to_path_buf();
         r.vsock_uds = sb.vsock_uds();
