@@ -3,11 +3,9 @@
 //! `__exec`) that forwards stdio and signals and exits with the guest
 //! process's status.
 
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::process::CommandExt;
+use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 use husk_runtime::agent_client::AgentClient;
@@ -156,56 +154,28 @@ pub fn exec(g: &Global, a: ExecArgs) -> Result<i32> {
     let dir = root.container_dir(id);
     let pfile = dir.join(format!("exec-{}.json", std::process::id()));
     std::fs::write(&pfile, serde_json::to_vec(&process)?)?;
-    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("sync pipe")?;
-    let mut c = Command::new(std::env::current_exe()?);
-    c.arg("--root").arg(&g.root);
-    if let Some(l) = &g.log {
-        c.arg("--log").arg(l);
-    }
-    c.args(["--log-format", if g.log_json { "json" } else { "text" }]);
-    c.args([
-        "__exec",
-        "--id",
-        id,
-        "--sync-fd",
-        &wr.as_raw_fd().to_string(),
-    ])
-    .arg("--process-file")
-    .arg(&pfile);
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "__exec".into(),
+        "--id".into(),
+        id.into(),
+        "--process-file".into(),
+        pfile.clone().into(),
+    ];
     if let Some(s) = &a.console_socket {
-        c.arg("--console-socket").arg(s);
+        args.extend(["--console-socket".into(), s.clone().into()]);
     }
-    let wfd = wr.as_raw_fd();
-    // SAFETY: runs between fork and exec; fcntl(2) is async-signal-safe and
-    // only clears FD_CLOEXEC on the sync pipe.
-    unsafe {
-        c.pre_exec(move || {
-            if libc::fcntl(wfd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
+    let relay = g
+        .spawn_reporting(args)
+        .and_then(|mut r| match r.outcome("exec relay") {
+            Ok(()) => Ok(r),
+            Err(e) => {
+                let _ = r.child.kill();
+                let _ = r.child.wait();
+                Err(e)
             }
-            Ok(())
         });
-    }
-    let child = c.spawn();
-    drop(wr);
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = std::fs::remove_file(&pfile);
-            return Err(e).context("starting the exec relay");
-        }
-    };
-    let mut reply = String::new();
-    let _ = std::fs::File::from(rd).read_to_string(&mut reply);
     let _ = std::fs::remove_file(&pfile);
-    if reply.trim() != "ok" {
-        let _ = child.kill();
-        let _ = child.wait();
-        if reply.trim().is_empty() {
-            bail!("the exec relay died before the process started");
-        }
-        bail!("{}", reply.trim());
-    }
+    let child = relay?.child;
     if let Some(p) = &a.pid_file {
         write_pid_file(p, child.id() as i32)?;
     }

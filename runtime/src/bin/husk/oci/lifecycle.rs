@@ -2,11 +2,7 @@
 //! monitor process per container (see `monitor`).
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -120,7 +116,7 @@ fn spawn_monitor(
     let sandbox_id = sandbox_id(&g.root, &a.id);
     let run_dir = husk_runtime::RuntimeConfig::from_env()?.run_root;
     root.reserve(&a.id)?;
-    let mut record = Record {
+    let record = Record {
         id: a.id.clone(),
         bundle: bundle.clone(),
         rootfs,
@@ -143,66 +139,32 @@ fn spawn_monitor(
         return Err(e);
     }
 
-    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("sync pipe")?;
-    let mut cmd = Command::new(std::env::current_exe().context("finding the husk binary")?);
-    cmd.arg("--root").arg(&g.root);
-    if let Some(l) = &g.log {
-        cmd.arg("--log").arg(l);
-    }
-    cmd.args(["--log-format", if g.log_json { "json" } else { "text" }]);
-    if g.debug {
-        cmd.arg("--debug");
-    }
-    cmd.arg("__monitor")
-        .arg("--id")
-        .arg(&a.id)
-        .arg("--bundle")
-        .arg(&bundle)
-        .arg("--sandbox-id")
-        .arg(&sandbox_id)
-        .arg("--sync-fd")
-        .arg(wr.as_raw_fd().to_string());
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "__monitor".into(),
+        "--id".into(),
+        a.id.clone().into(),
+        "--bundle".into(),
+        bundle.clone().into(),
+        "--sandbox-id".into(),
+        sandbox_id.into(),
+    ];
     if let Some(c) = &a.console_socket {
-        cmd.arg("--console-socket").arg(c);
+        args.extend(["--console-socket".into(), c.clone().into()]);
     }
-    let wfd = wr.as_raw_fd();
-    // SAFETY: runs in the child between fork and exec; fcntl(2) is
-    // async-signal-safe and only clears FD_CLOEXEC on the sync pipe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::fcntl(wfd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let mut monitor = match g.spawn_reporting(args) {
+        Ok(m) => m,
         Err(e) => {
             undo(&root, &record);
-            return Err(e).context("starting the husk monitor");
+            return Err(e);
         }
     };
-    drop(wr);
-    let pid = child.id() as i32;
-    record.pid = pid;
-    record.pid_start = state::process_start_time(pid).unwrap_or_default();
-    let _ = root.update(&a.id, |r| {
-        r.pid = record.pid;
-        r.pid_start = record.pid_start;
-    });
-    let mut reply = String::new();
-    let _ = std::fs::File::from(rd).read_to_string(&mut reply);
-    let reply = reply.trim();
-    if reply != "ok" {
-        let _ = child.kill();
-        let status = child.wait();
+    if let Err(e) = monitor.outcome("monitor") {
+        let _ = monitor.child.kill();
+        let _ = monitor.child.wait();
         undo(&root, &record);
-        if reply.is_empty() {
-            bail!("the husk monitor died while creating the container ({status:?})");
-        }
-        bail!("{reply}");
+        return Err(e);
     }
+    let child = monitor.child;
     let record = root.load(&a.id)?;
     if let Some(p) = &a.pid_file {
         if let Err(e) = write_pid_file(p, record.pid) {
