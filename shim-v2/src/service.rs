@@ -6,6 +6,8 @@
 //! a waiter thread that blocks on the agent's WaitProcess over its own
 //! connection (the sandbox stays unlocked meanwhile), then drains its
 //! output, files the exit, wakes `Wait` callers and publishes TaskExit.
+//! A sandbox gets one OOM watcher thread that blocks on the agent's
+//! GetOomEvent (also on its own connection) and publishes TaskOOM.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use containerd_shim::api::{self, Status};
 use containerd_shim::event::Event;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
@@ -49,6 +51,8 @@ struct Container {
     bundle: PathBuf,
     rootfs_mounted: bool,
     procs: HashMap<String, Proc>,
+    /// OOM kills published as TaskOOM so far (the cgroup's count then).
+    ooms: u64,
 }
 
 /// State shared by the service and its waiter threads.
@@ -130,6 +134,13 @@ impl Inner {
         Ok(f(sb)?)
     }
 
+    /// Whether the sandbox VM has ended by itself (killed, crashed).
+    fn vm_gone(&self) -> bool {
+        lock(&self.sandbox)
+            .as_mut()
+            .is_some_and(|sb| matches!(sb.try_exit(), Ok(Some(_)) | Err(_)))
+    }
+
     /// Runs `f` on a process's record.
     fn with_proc<T>(&self, id: &str, exec_id: &str, f: impl FnOnce(&mut Proc) -> T) -> Result<T> {
         let mut tasks = lock(&self.tasks);
@@ -140,7 +151,85 @@ impl Inner {
         Ok(f(p))
     }
 
-    fn create(&self, req: &api::CreateTaskRequest) -> Result<u32> {
+    /// OOM watcher thread body: publishes TaskOOM for every OOM kill the
+    /// agent reports, until the sandbox is stopped or its VM is gone.
+    fn watch_oom(&self, mut client: husk_runtime::agent_client::AgentClient) {
+        loop {
+            // No timeout: a request given up on would still take the next
+            // event in the agent, and it would be lost.
+            match client.next_oom_event(std::time::Duration::ZERO) {
+                Ok(id) => self.publish_ooms(&id, true),
+                Err(e) => {
+                    // The connection broke: the VM stopped or died. Dial
+                    // again only while the sandbox is still in use.
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    match self.with_sb(|sb| sb.dial_agent()) {
+                        Ok(c) => {
+                            log::warn!("OOM events: {e}; dialled the agent again");
+                            client = c;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes TaskOOM for container `id` if its cgroup counts more OOM
+    /// kills than were published. Both the OOM watcher (`reported`: the
+    /// agent saw one) and the exit of a SIGKILLed process call this, so an
+    /// OOM kill is published once, before its TaskExit, even when the
+    /// container is deleted before the agent's watcher looks.
+    fn publish_ooms(&self, id: &str, reported: bool) {
+        let count = self
+            .with_sb(|sb| sb.container_stats(id))
+            .map(|s| s.oom_kills);
+        {
+            let mut tasks = lock(&self.tasks);
+            let Some(c) = tasks.get_mut(id) else {
+                return;
+            };
+            let n = match count {
+                Ok(n) => n,
+                Err(_) if reported => c.ooms + 1,
+                Err(_) => return,
+            };
+            if n <= c.ooms {
+                return;
+            }
+            c.ooms = n;
+        }
+        log::info!("container {id} was OOM-killed");
+        self.publish(TaskOOM {
+            container_id: id.to_string(),
+            ..Default::default()
+        });
+    }
+
+    /// Starts the sandbox VM for the first container, with its OOM watcher.
+    fn ensure_sandbox(self: &Arc<Self>) -> Result<()> {
+        let mut sb = lock(&self.sandbox);
+        if sb.is_some() {
+            return Ok(());
+        }
+        let cfg = RuntimeConfig::from_env()?;
+        log::info!(
+            "starting sandbox {} under {:?}",
+            self.sandbox_id,
+            cfg.run_root
+        );
+        let started = self.owner.start(cfg, &self.sandbox_id)?;
+        let client = started.dial_agent()?;
+        *sb = Some(started);
+        let me = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("oom-watch".into())
+            .spawn(move || me.watch_oom(client))
+            .map_err(|e| ShimError::io("starting the OOM watcher thread", e))?;
+        Ok(())
+    }
+
+    fn create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> Result<u32> {
         let id = req.id.as_str();
         if !req.checkpoint.is_empty() {
             return Err(ShimError::Unsupported("checkpoint/restore"));
@@ -149,18 +238,7 @@ impl Inner {
             return Err(ShimError::AlreadyExists(format!("container {id:?}")));
         }
         let bundle = PathBuf::from(&req.bundle);
-        {
-            let mut sb = lock(&self.sandbox);
-            if sb.is_none() {
-                let cfg = RuntimeConfig::from_env()?;
-                log::info!(
-                    "starting sandbox {} under {:?}",
-                    self.sandbox_id,
-                    cfg.run_root
-                );
-                *sb = Some(self.owner.start(cfg, &self.sandbox_id)?);
-            }
-        }
+        self.ensure_sandbox()?;
         let rootfs_mounted = crate::rootfs::mount_all(&bundle, &req.rootfs)?;
         let undo = || {
             if rootfs_mounted {
@@ -190,6 +268,7 @@ impl Inner {
                 bundle: bundle.clone(),
                 rootfs_mounted,
                 procs: HashMap::from([(String::new(), init)]),
+                ooms: 0,
             },
         );
         self.publish(TaskCreate {
@@ -218,14 +297,27 @@ impl Inner {
                 "{id}/{exec_id} is {status:?}, not created"
             )));
         }
-        let pid = if exec_id.is_empty() {
-            self.with_sb(|sb| sb.start_container(id))?;
-            self.with_proc(id, exec_id, |p| p.pid)?
+        let started = if exec_id.is_empty() {
+            self.with_sb(|sb| sb.start_container(id))
+                .and_then(|()| self.with_proc(id, exec_id, |p| p.pid))
         } else {
             let spec = spec.ok_or_else(|| not_found(id, exec_id))?;
             let stdio = stdio.unwrap_or_default();
-            let pid = self.with_sb(|sb| sb.exec(id, exec_id, &spec, stdio))?;
-            u32::try_from(pid).unwrap_or(0)
+            self.with_sb(|sb| sb.exec(id, exec_id, &spec, stdio))
+                .map(|pid| u32::try_from(pid).unwrap_or(0))
+        };
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                // It will never run: release the Wait callers (ctr waits
+                // before it starts), with the status of a failed start.
+                let _ = self.with_proc(id, exec_id, |p| {
+                    p.status = Status::STOPPED;
+                    p.exit = Some((255, now()));
+                });
+                self.exited.notify_all();
+                return Err(e);
+            }
         };
         self.with_proc(id, exec_id, |p| {
             p.pid = pid;
@@ -265,10 +357,17 @@ impl Inner {
         let status = match status {
             Ok(s) => u32::try_from(s).unwrap_or(255),
             Err(e) => {
-                log::error!("waiting for {id}/{exec_id}: {e}");
+                if self.vm_gone() {
+                    log::error!("{id}/{exec_id}: the sandbox VM has ended: {e}");
+                } else {
+                    log::error!("waiting for {id}/{exec_id}: {e}");
+                }
                 255
             }
         };
+        if status == 128 + 9 {
+            self.publish_ooms(id, false);
+        }
         let at = now();
         let _ = self.with_proc(id, exec_id, |p| {
             p.status = Status::STOPPED;
@@ -315,7 +414,14 @@ impl Inner {
                 let _ = self.with_sb(|sb| sb.kill(id, "", 9, false));
                 let _ = self.with_sb(|sb| sb.wait(id, ""));
             }
-            self.with_sb(|sb| sb.delete_container(id))?;
+            if let Err(e) = self.with_sb(|sb| sb.delete_container(id)) {
+                // A dead VM holds nothing to delete: the container's host
+                // state goes when the sandbox is stopped.
+                if !self.vm_gone() {
+                    return Err(e);
+                }
+                log::warn!("deleting {id} of a dead VM: {e}");
+            }
             let c = lock(&self.tasks).remove(id);
             if let Some(c) = c.filter(|c| c.rootfs_mounted) {
                 crate::rootfs::unmount(&c.bundle);

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use husk_tests::containerd::{skip_reason, Containerd};
+use husk_tests::containerd::{skip_reason, Containerd, Events};
 use husk_tests::{busybox_layout, e2e_config, processes_mentioning, target_dir};
 
 const RUNTIME: &str = "io.containerd.husk.v2";
@@ -26,15 +26,78 @@ fn start_containerd() -> Containerd {
         .start()
 }
 
-#[test]
-fn ctr_run_rm_output_and_exit_codes() {
-    if let Some(why) = skip_reason(&["qemu-system-x86_64"]) {
-        eprintln!("SKIP ctr_run_rm_output_and_exit_codes: {why}");
-        return;
-    }
+/// Returns early (printing SKIP) without containerd, ctr or QEMU.
+macro_rules! skip_unless_tools {
+    ($name:expr) => {
+        if let Some(why) = skip_reason(&["qemu-system-x86_64"]) {
+            eprintln!("SKIP {}: {why}", $name);
+            return;
+        }
+    };
+}
+
+/// A private containerd with the busybox image imported.
+fn containerd_with_busybox() -> Containerd {
     let layout = busybox_layout();
     let cd = start_containerd();
     cd.import_busybox(&layout);
+    cd
+}
+
+/// QEMU processes of this containerd's sandboxes (their command lines
+/// name the run root under its directory).
+fn qemus(cd: &Containerd) -> Vec<(u32, String)> {
+    processes_mentioning(&cd.dir().display().to_string())
+        .into_iter()
+        .filter(|(_, cmd)| {
+            cmd.split(' ')
+                .next()
+                .is_some_and(|p| p.ends_with("qemu-system-x86_64"))
+        })
+        .collect()
+}
+
+/// No task or container is left in containerd, no process (shim, VM,
+/// helpers) mentions its directory, the husk run root is empty, and once
+/// containerd is stopped, nothing of it is left either.
+fn finish(cd: Containerd) {
+    for what in ["tasks", "containers"] {
+        let out = cd.ctr(&[what, "ls", "-q"]);
+        assert!(out.status.success(), "ctr {what} ls: {out:?}");
+        let left = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(left.is_empty(), "{what} left: {left}");
+    }
+    let left = cd.wait_for_no_processes();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    let run = cd.dir().join("run");
+    let entries: Vec<_> = std::fs::read_dir(&run)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(entries.is_empty(), "left in {run:?}: {entries:?}");
+    cd.stop_and_check();
+}
+
+/// Asserts that `want` appear in this order among `id`'s event topics.
+fn assert_in_order(events: &Events, id: &str, want: &[&str]) {
+    for w in want {
+        events
+            .wait_for(id, w, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let got = events.topics_of(id);
+    let mut at = 0;
+    for w in want {
+        match got[at..].iter().position(|t| t == w) {
+            Some(i) => at += i + 1,
+            None => panic!("{id}: expected {want:?} in this order, got {got:?}"),
+        }
+    }
+}
+
+#[test]
+fn ctr_run_rm_output_and_exit_codes() {
+    skip_unless_tools!("ctr_run_rm_output_and_exit_codes");
+    let cd = containerd_with_busybox();
 
     // stdin closed at once: the container's exit must not wait on it.
     let (code, out, err) = cd.run("c1", &["echo", "hello"], b"");
@@ -108,4 +171,209 @@ fn ctr_run_rm_output_and_exit_codes() {
         .unwrap_or_default();
     assert!(entries.is_empty(), "left in {run:?}: {entries:?}");
     cd.stop_and_check();
+}
+
+#[test]
+fn ctr_events_show_the_task_events_and_oom() {
+    skip_unless_tools!("ctr_events_show_the_task_events_and_oom");
+    let cd = containerd_with_busybox();
+    let events = cd.events();
+
+    let (code, out, err) = cd.run("ev1", &["echo", "hi"], b"");
+    assert_eq!((code, out.as_str()), (0, "hi\n"), "stderr: {err}");
+    assert_in_order(
+        &events,
+        "ev1",
+        &[
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete",
+        ],
+    );
+
+    // A detached task: exec, pause/resume, kill.
+    let out = cd.run_detached("ev2", &["sleep", "1000"]);
+    assert!(out.status.success(), "ctr run -d: {out:?}");
+    let (code, _, err) = cd.exec("ev2", "x1", &["sh", "-c", "exit 6"], b"");
+    assert_eq!(code, 6, "exec: {err}");
+    assert!(cd.ctr(&["task", "pause", "ev2"]).status.success());
+    assert!(cd.ctr(&["task", "resume", "ev2"]).status.success());
+    assert!(cd.ctr(&["task", "kill", "-s", "9", "ev2"]).status.success());
+    cd.wait_for_task("ev2", Duration::from_secs(30), |s| s == "STOPPED")
+        .unwrap_or_else(|s| panic!("ev2 is {s} after SIGKILL"));
+    assert!(cd.ctr(&["task", "rm", "ev2"]).status.success());
+    assert!(cd.ctr(&["containers", "rm", "ev2"]).status.success());
+    assert_in_order(
+        &events,
+        "ev2",
+        &[
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exec-added",
+            "/tasks/exec-started",
+            "/tasks/exit",
+            "/tasks/paused",
+            "/tasks/resumed",
+            "/tasks/exit",
+            "/tasks/delete",
+        ],
+    );
+    let exits: Vec<_> = events
+        .lines()
+        .into_iter()
+        .filter(|e| e.container() == "ev2" && e.topic == "/tasks/exit")
+        .map(|e| (e.json["id"].clone(), e.json["exit_status"].clone()))
+        .collect();
+    assert_eq!(
+        exits,
+        [
+            (serde_json::json!("x1"), serde_json::json!(6)),
+            (serde_json::json!("ev2"), serde_json::json!(137))
+        ],
+        "exec exit, then init exit"
+    );
+
+    // A container over its memory limit is OOM-killed: exit 137, and
+    // TaskOOM is published for it (before its exit).
+    let args = cd.run_args(
+        &["--rm", "--memory-limit", "33554432"],
+        "oom1",
+        &["sh", "-c", "tail /dev/zero"],
+    );
+    let (code, _, err) = cd.with_stdin(&args, b"");
+    assert_eq!(code, 137, "stderr: {err}\ncontainerd log:\n{}", cd.log());
+    assert_in_order(
+        &events,
+        "oom1",
+        &["/tasks/oom", "/tasks/exit", "/tasks/delete"],
+    );
+    let ooms = events
+        .topics_of("oom1")
+        .iter()
+        .filter(|t| *t == "/tasks/oom")
+        .count();
+    assert_eq!(
+        ooms,
+        1,
+        "one OOM kill, one event: {:?}",
+        events.topics_of("oom1")
+    );
+    // A container that ends normally has no OOM event.
+    assert!(!events.topics_of("ev1").iter().any(|t| t == "/tasks/oom"));
+
+    drop(events);
+    finish(cd);
+}
+
+#[test]
+fn ctr_run_tty() {
+    skip_unless_tools!("ctr_run_tty");
+    let cd = containerd_with_busybox();
+    let out = cd.in_pty(&cd.run_args(
+        &["-t", "--rm"],
+        "tty1",
+        &["sh", "-c", "tty; stty size; exit 4"],
+    ));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "script: {out:?}\n{}", cd.log());
+    assert!(text.contains("/dev/pts/"), "tty printed: {text:?}");
+    finish(cd);
+}
+
+#[test]
+fn ctr_containers_of_one_sandbox_share_a_vm() {
+    skip_unless_tools!("ctr_containers_of_one_sandbox_share_a_vm");
+    let cd = containerd_with_busybox();
+    let pod = "io.kubernetes.cri.sandbox-id=pod1";
+    for id in ["pod1", "p2"] {
+        let out = cd.ctr(&cd.run_args(&["-d", "--annotation", pod], id, &["sleep", "1000"]));
+        assert!(out.status.success(), "ctr run -d {id}: {out:?}");
+    }
+    let vms = qemus(&cd);
+    assert_eq!(vms.len(), 1, "one VM serves the pod: {vms:?}");
+    let shims: Vec<_> = processes_mentioning(&cd.dir().display().to_string())
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("containerd-shim-husk-v2"))
+        .collect();
+    assert_eq!(shims.len(), 1, "one shim serves the pod: {shims:?}");
+    // A container of no pod gets its own VM.
+    let out = cd.run_detached("alone", &["sleep", "1000"]);
+    assert!(out.status.success(), "ctr run -d alone: {out:?}");
+    assert_eq!(qemus(&cd).len(), 2, "{:?}", qemus(&cd));
+
+    // Each container works, and the pod's share one kernel (one boot id).
+    // (Exec ids are not reused: the agent keeps an exec's id after it is
+    // deleted.)
+    let boot_id = |id: &str, exec_id: &str| {
+        let (code, out, err) = cd.exec(
+            id,
+            exec_id,
+            &["cat", "/proc/sys/kernel/random/boot_id"],
+            b"",
+        );
+        assert_eq!(code, 0, "exec in {id}: {err}");
+        assert_eq!(out.trim().len(), 36, "{id}: {out:?}");
+        out
+    };
+    assert_eq!(boot_id("pod1", "b1"), boot_id("p2", "b1"));
+    assert_ne!(boot_id("pod1", "b2"), boot_id("alone", "b1"));
+
+    // Removing one container of the pod leaves the other running.
+    for id in ["p2", "alone"] {
+        assert!(cd.ctr(&["task", "kill", "-s", "9", id]).status.success());
+        cd.wait_for_task(id, Duration::from_secs(30), |s| s == "STOPPED")
+            .unwrap_or_else(|s| panic!("{id} is {s} after SIGKILL"));
+        assert!(cd.ctr(&["task", "rm", id]).status.success());
+        assert!(cd.ctr(&["containers", "rm", id]).status.success());
+    }
+    assert_eq!(cd.task_status("pod1"), "RUNNING");
+    let (code, out, _) = cd.exec("pod1", "e", &["echo", "still"], b"");
+    assert_eq!((code, out.as_str()), (0, "still\n"));
+    assert_eq!(qemus(&cd).len(), 1);
+    assert!(cd
+        .ctr(&["task", "kill", "-s", "9", "pod1"])
+        .status
+        .success());
+    cd.wait_for_task("pod1", Duration::from_secs(30), |s| s == "STOPPED")
+        .unwrap_or_else(|s| panic!("pod1 is {s} after SIGKILL"));
+    assert!(cd.ctr(&["task", "rm", "pod1"]).status.success());
+    assert!(cd.ctr(&["containers", "rm", "pod1"]).status.success());
+    finish(cd);
+}
+
+#[test]
+fn ctr_vmm_killed_ends_the_task_with_an_error() {
+    skip_unless_tools!("ctr_vmm_killed_ends_the_task_with_an_error");
+    let cd = containerd_with_busybox();
+    let events = cd.events();
+    let out = cd.run_detached("vm1", &["sleep", "1000"]);
+    assert!(out.status.success(), "ctr run -d: {out:?}");
+    let vms = qemus(&cd);
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    let t0 = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vms[0].0 as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let exit = events
+        .wait_for("vm1", "/tasks/exit", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cd.log()));
+    let status = exit.json["exit_status"].as_u64().unwrap_or(0);
+    assert_ne!(status, 0, "an error status: {exit:?}");
+    eprintln!(
+        "VMM SIGKILL to TaskExit (status {status}): {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(cd.task_status("vm1"), "STOPPED");
+    // The task's stdio and control requests fail cleanly, not hang.
+    let (code, _, err) = cd.exec("vm1", "x", &["true"], b"");
+    assert_ne!(code, 0, "exec in a dead VM: {err}");
+    let out = cd.ctr(&["task", "rm", "vm1"]);
+    assert!(out.status.success(), "task rm: {out:?}");
+    assert!(cd.ctr(&["containers", "rm", "vm1"]).status.success());
+    assert_in_order(&events, "vm1", &["/tasks/exit", "/tasks/delete"]);
+    drop(events);
+    finish(cd);
 }

@@ -321,6 +321,24 @@ impl Containerd {
         )
     }
 
+    /// Runs `ctr args` in a pseudo-terminal (`script` from util-linux
+    /// gives it one, as ctr's `-t` needs), under `timeout 150`. Its
+    /// output is the terminal's.
+    pub fn in_pty(&self, args: &[&str]) -> Output {
+        let ctr = self.ctr_cmd(args);
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let line = std::iter::once(ctr.get_program())
+            .chain(ctr.get_args())
+            .map(|a| quote(a.to_str().unwrap()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        Command::new("timeout")
+            .args(["150", "script", "-qec", &line, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running script (util-linux)")
+    }
+
     /// Runs ctr for a process that echoes its stdin (`cat`): writes
     /// `stdin` at once but closes it only once all of it came back on
     /// stdout. ctr forwards the end of its stdin (CloseIO) only once the
@@ -444,6 +462,50 @@ impl Containerd {
         }
     }
 
+    /// Starts `ctr events` in the background and returns once it is
+    /// subscribed (it has seen a namespace event this call caused).
+    pub fn events(&self) -> Events {
+        let path = self.dir().join(format!("events-{}.txt", self.child.id()));
+        let out = std::fs::File::create(&path).unwrap();
+        let child = Command::new("ctr")
+            .arg("-a")
+            .arg(&self.sock)
+            .arg("-n")
+            .arg(NS)
+            .arg("events")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting ctr events");
+        let events = Events { child, path };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for i in 0.. {
+            let label = format!("husk.events={i}");
+            if !self
+                .ctr(&["namespaces", "label", NS, &label])
+                .status
+                .success()
+            {
+                let _ = self.ctr(&["namespaces", "create", NS]);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            if events
+                .lines()
+                .iter()
+                .any(|e| e.topic.starts_with("/namespaces/"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`ctr events` saw no namespace event in 30 s\n{}",
+                self.log()
+            );
+        }
+        events
+    }
+
     /// SIGTERM to containerd, SIGKILL after 10 s.
     fn stop(&mut self) {
         if let Ok(Some(_)) = self.child.try_wait() {
@@ -469,5 +531,81 @@ impl Drop for Containerd {
             self.remove_everything();
         }
         self.stop();
+    }
+}
+
+/// One line of `ctr events`: `TIMESTAMP NAMESPACE TOPIC JSON`.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The topic, e.g. `/tasks/exit`.
+    pub topic: String,
+    /// The event as JSON.
+    pub json: serde_json::Value,
+}
+
+impl Event {
+    /// The event's `container_id` (empty if it has none).
+    pub fn container(&self) -> &str {
+        self.json["container_id"].as_str().unwrap_or_default()
+    }
+}
+
+/// `ctr events` running in the background (killed when dropped).
+pub struct Events {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Events {
+    /// Every event printed so far.
+    pub fn lines(&self) -> Vec<Event> {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                // The timestamp has spaces; the topic is the first word
+                // that starts with '/', the JSON is what follows it.
+                let at = l.find(" /")? + 1;
+                let (topic, json) = l[at..].split_once(' ').unwrap_or((&l[at..], "{}"));
+                Some(Event {
+                    topic: topic.to_string(),
+                    json: serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect()
+    }
+
+    /// The topics of container `id`'s events so far, in order.
+    pub fn topics_of(&self, id: &str) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter(|e| e.container() == id)
+            .map(|e| e.topic)
+            .collect()
+    }
+
+    /// Waits up to `timeout` for an event `topic` of container `id`;
+    /// returns it, or on timeout the topics of `id` seen.
+    pub fn wait_for(&self, id: &str, topic: &str, timeout: Duration) -> Result<Event, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let all = self.lines();
+            if let Some(e) = all.iter().find(|e| e.container() == id && e.topic == topic) {
+                return Ok(e.clone());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no {topic} for {id} in {timeout:?}; its events: {:?}",
+                    self.topics_of(id)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

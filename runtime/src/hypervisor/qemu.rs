@@ -252,10 +252,29 @@ fn log_file(path: &Path) -> Result<std::fs::File> {
     std::fs::File::create(path).map_err(|e| Error::io(format!("creating {path:?}"), e))
 }
 
-/// Waits until `sock` exists while `owner` lives.
+/// Whether the Unix socket bound at `sock` listens, by `/proc/net/unix`
+/// (its path exists from bind(2), but connects are refused until
+/// listen(2)). Connecting to find out would take the backend's one
+/// frontend connection. True when the table cannot be read.
+fn listening(sock: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return true;
+    };
+    let path = sock.to_string_lossy();
+    // Num RefCount Protocol Flags Type St Inode Path; Flags has
+    // __SO_ACCEPTCON (0x10000) once listen(2) was called.
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == path
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
+}
+
+/// Waits until `sock` exists and listens while `owner` lives.
 fn wait_for_socket(owner: &mut OwnedChild, sock: &Path, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
-    while !sock.exists() {
+    while !(sock.exists() && listening(sock)) {
         if let Some(s) = owner.try_wait()? {
             return Err(Error::ProcessExited {
                 what: owner.what(),
@@ -381,6 +400,26 @@ impl Vm for QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_socket_listens_only_after_listen() {
+        use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag};
+        use nix::sys::socket::{SockType, UnixAddr};
+        use std::os::fd::AsRawFd;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.sock");
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        bind(fd.as_raw_fd(), &UnixAddr::new(&p).unwrap()).unwrap();
+        assert!(p.exists() && !listening(&p));
+        listen(&fd, Backlog::new(1).unwrap()).unwrap();
+        assert!(listening(&p));
+    }
     use crate::kernel_cmdline::KernelCmdline;
 
     fn cmd(accel: Accel) -> QemuCommand {
