@@ -5,9 +5,14 @@
 //! socket with its clients. The first reason to end wins; then every vCPU thread is stopped
 //! (a flag plus a real-time signal that kicks it out of `KVM_RUN`) and joined, and dropping the
 //! [`Vmm`] closes the devices, which removes the vsock and API socket files.
+//!
+//! The vCPU threads are created parked before the loop starts; then the seccomp filter (if
+//! [`Vmm::set_seccomp`] gave one) is installed on every thread, and only then do the vCPUs run
+//! (at once, or on the API's `start`). No thread is created after the filter.
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,6 +28,7 @@ use crate::builder::Devices;
 use crate::devices::bus::lock;
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::vsock::virtio_mmio::VsockShared;
+use crate::seccomp::Jail;
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuStop};
 use crate::vstate::vm::Vm;
 
@@ -135,7 +141,10 @@ const TOKEN_API_CONN: u64 = 1 << 32;
 pub struct Vmm {
     // Field order is drop order: threads are joined in `stop_vcpus` before anything drops.
     threads: Vec<(u8, JoinHandle<()>)>,
+    /// One per parked vCPU thread: a message runs it, dropping it ends it.
+    starters: Vec<Sender<()>>,
     pending: Vec<Vcpu>,
+    jail: Option<Jail>,
     ctx: VcpuContext,
     first_stop: Arc<Mutex<Option<(u8, VcpuStop)>>>,
     exit_evt: Arc<EventFd>,
@@ -164,7 +173,9 @@ impl Vmm {
         };
         Ok(Vmm {
             threads: Vec::new(),
+            starters: Vec::new(),
             pending: vcpus,
+            jail: None,
             ctx,
             first_stop: Arc::new(Mutex::new(None)),
             exit_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
@@ -187,18 +198,33 @@ impl Vmm {
         self.state
     }
 
-    fn start_vcpus(&mut self) -> Result<(), String> {
-        if self.state == VmState::Running {
-            return Ok(());
-        }
+    /// Install `jail` on every thread of the process once the vCPU threads exist, before the
+    /// guest runs ([`run`](Self::run)).
+    pub fn set_seccomp(&mut self, jail: Jail) {
+        self.jail = Some(jail);
+    }
+
+    /// Create the vCPU threads, parked until [`start_vcpus`](Self::start_vcpus). Returns once
+    /// every thread is parked: past its start-up system calls (rseq, robust list, signal stack,
+    /// name), which the seccomp filter does not allow.
+    fn spawn_vcpus(&mut self) -> Result<(), String> {
+        let (ready_tx, ready) = channel::<()>();
+        let mut spawned = 0;
         for vcpu in self.pending.drain(..) {
             let id = vcpu.id();
             let ctx = self.ctx.clone();
             let first = self.first_stop.clone();
             let exit_evt = self.exit_evt.clone();
+            let (starter, go) = channel::<()>();
+            let ready_tx = ready_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
+                    let _ = ready_tx.send(());
+                    drop(ready_tx);
+                    if go.recv().is_err() {
+                        return;
+                    }
                     let stop = vcpu.run(&ctx);
                     if stop != VcpuStop::Stopped {
                         let mut f = lock(&first);
@@ -211,13 +237,32 @@ impl Vmm {
                 })
                 .map_err(|e| format!("cannot start the thread of vCPU {id}: {e}"))?;
             self.threads.push((id, handle));
+            self.starters.push(starter);
+            spawned += 1;
+        }
+        for _ in 0..spawned {
+            ready
+                .recv()
+                .map_err(|_| "a vCPU thread ended before it was parked".to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Run the parked vCPU threads.
+    fn start_vcpus(&mut self) {
+        if self.state == VmState::Running {
+            return;
+        }
+        for s in self.starters.drain(..) {
+            let _ = s.send(());
         }
         self.state = VmState::Running;
-        Ok(())
     }
 
     /// Stop and join every vCPU thread (signals them until they leave `KVM_RUN`).
     fn stop_vcpus(&mut self) {
+        // Parked threads end when their starter goes.
+        self.starters.clear();
         self.ctx.stop.store(true, Ordering::Release);
         let deadline = Instant::now() + Duration::from_secs(5);
         for (id, handle) in self.threads.drain(..) {
@@ -279,10 +324,16 @@ impl Vmm {
                 return VmEnd::VmmError(format!("cannot poll fd {fd}: {e}"));
             }
         }
-        if !self.wait_for_start {
-            if let Err(e) = self.start_vcpus() {
-                return VmEnd::VmmError(e);
+        if let Err(e) = self.spawn_vcpus() {
+            return VmEnd::VmmError(e);
+        }
+        if let Some(jail) = self.jail.take() {
+            if let Err(e) = jail.install() {
+                return VmEnd::VmmError(e.to_string());
             }
+        }
+        if !self.wait_for_start {
+            self.start_vcpus();
         }
         let mut events = vec![EpollEvent::default(); 32];
         loop {
@@ -351,11 +402,7 @@ impl Vmm {
         });
         for req in seen {
             match req {
-                ApiRequest::Start => {
-                    if let Err(e) = self.start_vcpus() {
-                        return Some(VmEnd::VmmError(e));
-                    }
-                }
+                ApiRequest::Start => self.start_vcpus(),
                 ApiRequest::Shutdown => {
                     return Some(VmEnd::Requested(
                         "shutdown requested on the API socket".into(),

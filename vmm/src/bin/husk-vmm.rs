@@ -9,13 +9,15 @@
 //!
 //! Exit status: 0 the guest powered off / rebooted / halted, or a stop was asked for (API
 //! `shutdown`, SIGTERM); 1 VMM error; 2 bad arguments; 3 KVM_EXIT_INTERNAL_ERROR (the message
-//! names the suberror and the instruction bytes at the guest RIP); 4 other fatal vCPU exits.
+//! names the suberror and the instruction bytes at the guest RIP); 4 other fatal vCPU exits;
+//! 5 a system call outside the seccomp allowlist (`--seccomp=off` turns the filter off).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use husk_vmm::config::{BootProtocol, BootSource, RawMode, VmConfig, VsockConfig};
+use husk_vmm::seccomp::{Binary, Jail, SeccompLevel};
 use husk_vmm::vmm::{EXIT_USAGE, EXIT_VMM_ERROR};
 
 /// husk's KVM micro-VMM: boots a Linux kernel (or a raw image) with a serial console, an i8042
@@ -77,6 +79,13 @@ struct Args {
     /// Log filter (RUST_LOG syntax), logs go to stderr.
     #[arg(long, default_value = "warn")]
     log_level: String,
+    /// System-call filter once the VM is built: default (husk-vmm's allowlist; anything else
+    /// ends the process with status 5) or off.
+    #[arg(long, default_value = "default")]
+    seccomp: SeccompLevel,
+    /// Test hook: make a forbidden system call right after the filter is installed.
+    #[arg(long, hide = true)]
+    debug_forbidden_syscall: bool,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -151,7 +160,7 @@ fn main() {
             std::process::exit(EXIT_USAGE);
         }
     };
-    let code = match run(&config) {
+    let code = match run(&config, &args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("husk-vmm: {e:#}");
@@ -161,10 +170,24 @@ fn main() {
     std::process::exit(code);
 }
 
-fn run(config: &VmConfig) -> Result<i32> {
+fn run(config: &VmConfig, args: &Args) -> Result<i32> {
     // A SIGTERM while the VM is being built waits for the event loop, which tears down cleanly.
     husk_vmm::vmm::block_stop_signals().context("cannot block stop signals")?;
+    let jail = match args.seccomp {
+        SeccompLevel::Default => {
+            Some(Jail::new(Binary::Vmm)?.with_probe(args.debug_forbidden_syscall))
+        }
+        SeccompLevel::Off => {
+            if args.debug_forbidden_syscall {
+                husk_vmm::seccomp::forbidden_syscall();
+            }
+            None
+        }
+    };
     let mut vmm = husk_vmm::builder::build(config).context("cannot build the VM")?;
+    if let Some(jail) = jail {
+        vmm.set_seccomp(jail);
+    }
     let end = vmm.run();
     // Tear down (vCPU threads joined, devices closed, socket files removed) before exiting.
     drop(vmm);

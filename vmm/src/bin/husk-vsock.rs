@@ -10,7 +10,9 @@
 //! Binds the hybrid vsock socket (`--uds`) and the vhost-user socket (`--socket`) before it
 //! accepts, so a caller can wait for both files. Serves exactly one frontend and exits 0 when it
 //! disconnects, removing both socket files. SIGTERM, SIGINT and SIGHUP also remove them and
-//! exit 0. Bad arguments exit 2, setup failures exit 1.
+//! exit 0. Bad arguments exit 2, setup failures exit 1. Once both sockets are bound, a seccomp
+//! filter allows only the system calls the session needs; any other ends the process with
+//! status 5 (`--seccomp=off` turns it off).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -22,6 +24,7 @@ use husk_vmm::devices::virtio::vsock::defs::{MAX_GUEST_CID, MIN_GUEST_CID};
 use husk_vmm::devices::virtio::vsock::vhost_user::{
     SocketFile, VhostUserVsockServer, VsockServerConfig,
 };
+use husk_vmm::seccomp::{Binary, Jail, SeccompLevel};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use tracing::{error, info};
 
@@ -42,6 +45,13 @@ struct Args {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive list).
     #[arg(long, default_value = "info", value_name = "FILTER")]
     log_level: String,
+    /// System-call filter once the sockets are bound: default (husk-vsock's allowlist;
+    /// anything else ends the process with status 5) or off.
+    #[arg(long, default_value = "default")]
+    seccomp: SeccompLevel,
+    /// Test hook: make a forbidden system call right after the filter is installed.
+    #[arg(long, hide = true)]
+    debug_forbidden_syscall: bool,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +109,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .name("signals".into())
         .spawn(move || wait_for_signal(signals, files))
         .context("cannot start the signal thread")?;
+
+    match args.seccomp {
+        SeccompLevel::Default => Jail::new(Binary::Vsock)
+            .and_then(|j| j.with_probe(args.debug_forbidden_syscall).install())
+            .context("cannot filter system calls")?,
+        SeccompLevel::Off if args.debug_forbidden_syscall => husk_vmm::seccomp::forbidden_syscall(),
+        SeccompLevel::Off => {}
+    }
 
     server.run().context("vhost-user session failed")?;
     info!("frontend disconnected; exiting");
