@@ -6,6 +6,7 @@
 //! husk-vmm is [`mmio`] (virtio-mmio, register layout version 2).
 
 pub mod device;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
