@@ -6,6 +6,7 @@
 //! | `state` | `{"ok":true,"state":"created"\|"running"}` |
 //! | `start` | starts the vCPUs of a VM built with `wait_for_start`; `{"ok":true,"state":"running"}` |
 //! | `shutdown` | `{"ok":true,"state":"stopping"}`, then the VM is torn down and husk-vmm exits 0 |
+//! | `stats` | the state plus `"virtio"`: per virtio-mmio device `base`, `device_id`, `queues`, `ioeventfd_queues` (queues whose notifications KVM signals on an ioeventfd), `notify_ioeventfd` and `notify_exit` (notifications that arrived each way) |
 //!
 //! A request may also be a JSON object `{"action":"state"}`. Anything else gets
 //! `{"ok":false,"error":"..."}`. Lines longer than [`MAX_LINE`] end the connection.
@@ -32,6 +33,8 @@ pub enum ApiRequest {
     State,
     /// Stop the VM and exit.
     Shutdown,
+    /// Report the state and device counters.
+    Stats,
 }
 
 /// Parse one request line.
@@ -51,8 +54,9 @@ pub fn parse_request(line: &str) -> Result<ApiRequest, String> {
         "start" => Ok(ApiRequest::Start),
         "state" => Ok(ApiRequest::State),
         "shutdown" => Ok(ApiRequest::Shutdown),
+        "stats" => Ok(ApiRequest::Stats),
         other => Err(format!(
-            "unknown request {:?}; use start, state or shutdown",
+            "unknown request {:?}; use start, state, stats or shutdown",
             other.chars().take(32).collect::<String>()
         )),
     }
@@ -60,8 +64,23 @@ pub fn parse_request(line: &str) -> Result<ApiRequest, String> {
 
 /// An answer: `Ok(state)` or `Err(message)`.
 pub fn render_response(r: &Result<&str, String>) -> String {
+    render_json(
+        &r.as_ref()
+            .map(|state| serde_json::json!({ "state": state }))
+            .map_err(Clone::clone),
+    )
+}
+
+/// An answer: `Ok(fields)` (a JSON object, shown after `"ok":true`) or `Err(message)`.
+pub fn render_json(r: &Result<serde_json::Value, String>) -> String {
     let v = match r {
-        Ok(state) => serde_json::json!({"ok": true, "state": state}),
+        Ok(serde_json::Value::Object(fields)) => {
+            let mut m = serde_json::Map::new();
+            m.insert("ok".into(), true.into());
+            m.extend(fields.clone());
+            serde_json::Value::Object(m)
+        }
+        Ok(other) => serde_json::json!({"ok": true, "value": other}),
         Err(e) => serde_json::json!({"ok": false, "error": e}),
     };
     format!("{v}\n")
@@ -126,14 +145,15 @@ impl ApiServer {
         fds
     }
 
-    /// Read from client `fd`; for each complete line, `answer` decides the response. Returns
+    /// Read from client `fd`; for each complete line, `answer` decides the response (the JSON
+    /// fields after `"ok":true`, or an error message). Returns
     /// the requests seen and whether the connection is finished (then it is already closed
     /// and must be removed from the poll set by the caller before the fd is reused: it is
     /// removed from epoll automatically when closed).
     pub fn handle(
         &mut self,
         fd: RawFd,
-        mut answer: impl FnMut(ApiRequest) -> Result<&'static str, String>,
+        mut answer: impl FnMut(ApiRequest) -> Result<serde_json::Value, String>,
     ) -> (Vec<ApiRequest>, bool) {
         let Some(conn) = self.conns.get_mut(&fd) else {
             return (Vec::new(), true);
@@ -178,10 +198,7 @@ impl ApiServer {
             let _ = conn
                 .stream
                 .set_write_timeout(Some(Duration::from_millis(200)));
-            let ok = conn
-                .stream
-                .write_all(render_response(&resp.as_deref().map_err(|e| e.clone())).as_bytes())
-                .is_ok();
+            let ok = conn.stream.write_all(render_json(&resp).as_bytes()).is_ok();
             let _ = conn.stream.set_nonblocking(true);
             if !ok {
                 closed = true;
@@ -226,6 +243,11 @@ mod tests {
             "{\"ok\":true,\"state\":\"running\"}\n"
         );
         assert!(render_response(&Err("x".into())).contains("\"ok\":false"));
+        assert_eq!(parse_request("stats"), Ok(ApiRequest::Stats));
+        assert_eq!(
+            render_json(&Ok(serde_json::json!({"state": "running", "virtio": []}))),
+            "{\"ok\":true,\"state\":\"running\",\"virtio\":[]}\n"
+        );
     }
 
     #[test]
@@ -240,8 +262,8 @@ mod tests {
             .unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let (seen, closed) = srv.handle(fds[0], |r| match r {
-            ApiRequest::State => Ok("created"),
-            _ => Ok("running"),
+            ApiRequest::State => Ok(serde_json::json!({"state": "created"})),
+            _ => Ok(serde_json::json!({"state": "running"})),
         });
         assert_eq!(seen, vec![ApiRequest::State, ApiRequest::Start]);
         assert!(!closed);
@@ -258,7 +280,7 @@ mod tests {
         // An endless line ends the connection.
         c.write_all(&[b'x'; MAX_LINE + 10]).unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        let (_, closed) = srv.handle(fds[0], |_| Ok("x"));
+        let (_, closed) = srv.handle(fds[0], |_| Ok(serde_json::json!({})));
         assert!(closed);
         drop(srv);
         assert!(!p.exists());

@@ -27,7 +27,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::legacy::serial::{SerialDevice, COM1_PORT, COM_PORT_LEN};
 use crate::devices::legacy::EventFdTrigger;
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::mmio::{register_queue_notifiers, MmioTransport, QueueNotifier};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::virtio_mmio::{VsockMmioDevice, VsockShared};
 use crate::devices::virtio::vsock::{VsockDevice, VsockError, VsockMuxer};
@@ -118,6 +118,10 @@ pub struct Devices {
     pub vsock: Option<VsockShared>,
     /// `virtio_mmio.device=` words for the command line.
     pub cmdline_words: Vec<(u64, u32)>,
+    /// Each virtio-mmio transport with its base address (for the API's `stats`).
+    pub transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
+    /// The ioeventfds of the queues (QueueNotify without an exit), for the event loop.
+    pub notifiers: Vec<QueueNotifier>,
 }
 
 fn irq_line(vm: &Vm, gsi: u32) -> Result<EventFdTrigger> {
@@ -158,13 +162,23 @@ fn build_devices(config: &VmConfig, vm: &Vm) -> Result<Devices> {
         virtio.push(Box::new(dev));
     }
     let mut cmdline_words = Vec::new();
+    let mut transports = Vec::new();
+    let mut notifiers = Vec::new();
     for (i, dev) in virtio.into_iter().enumerate() {
         let (base, irq) = virtio_mmio_slot(i as u32)
             .ok_or_else(|| BuildError::Layout("too many virtio devices".into()))?;
         let interrupt = Arc::new(VirtioInterrupt::new(irq_line(vm, irq)?));
-        let transport = MmioTransport::new(dev, vm.memory().clone(), interrupt);
-        mmio.insert(base, MMIO_DEVICE_SIZE, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            dev,
+            vm.memory().clone(),
+            interrupt,
+        )));
+        if config.ioeventfd {
+            notifiers.extend(register_queue_notifiers(vm, base, &transport));
+        }
+        mmio.insert(base, MMIO_DEVICE_SIZE, transport.clone())?;
         cmdline_words.push((base, irq));
+        transports.push((base, transport));
     }
     Ok(Devices {
         pio: Arc::new(pio),
@@ -172,6 +186,8 @@ fn build_devices(config: &VmConfig, vm: &Vm) -> Result<Devices> {
         reset_evt,
         vsock,
         cmdline_words,
+        transports,
+        notifiers,
     })
 }
 

@@ -144,6 +144,10 @@ pub struct VmConfig {
     /// VM and no interrupts are delivered.
     #[serde(default = "yes")]
     pub irqchip: bool,
+    /// Register an ioeventfd per virtio queue so that queue notifications do not exit to the
+    /// VMM. Off (or where KVM refuses it): notifications are MMIO exits.
+    #[serde(default = "yes")]
+    pub ioeventfd: bool,
 }
 
 impl VmConfig {
@@ -250,6 +254,7 @@ mod tests {
             api_socket: None,
             wait_for_start: false,
             irqchip: true,
+            ioeventfd: true,
         }
     }
 

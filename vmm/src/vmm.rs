@@ -1,8 +1,9 @@
 //! The running VMM: vCPU threads, the event loop on the main thread, and teardown.
 //!
 //! The event loop polls: the exit eventfd (a vCPU thread ended with a reason), the i8042 reset
-//! eventfd, a signalfd for SIGTERM/SIGINT/SIGHUP, the vsock muxer's epoll fd, and the control
-//! socket with its clients. The first reason to end wins; then every vCPU thread is stopped
+//! eventfd, a signalfd for SIGTERM/SIGINT/SIGHUP, the vsock muxer's epoll fd, the ioeventfds of
+//! the virtio queues (guest queue notifications that did not exit), and the control socket with
+//! its clients. The first reason to end wins; then every vCPU thread is stopped
 //! (a flag plus a real-time signal that kicks it out of `KVM_RUN`) and joined, and dropping the
 //! [`Vmm`] closes the devices, which removes the vsock and API socket files.
 //!
@@ -27,6 +28,7 @@ use crate::api::{ApiRequest, ApiServer};
 use crate::builder::Devices;
 use crate::devices::bus::lock;
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::mmio::{MmioTransport, QueueNotifier};
 use crate::devices::virtio::vsock::virtio_mmio::VsockShared;
 use crate::seccomp::Jail;
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuStop};
@@ -136,6 +138,7 @@ const TOKEN_SIGNAL: u64 = 3;
 const TOKEN_VSOCK: u64 = 4;
 const TOKEN_API: u64 = 5;
 const TOKEN_API_CONN: u64 = 1 << 32;
+const TOKEN_NOTIFY: u64 = 1 << 33;
 
 /// A built VM and everything that runs it.
 pub struct Vmm {
@@ -150,6 +153,8 @@ pub struct Vmm {
     exit_evt: Arc<EventFd>,
     reset_evt: EventFdTrigger,
     vsock: Option<VsockShared>,
+    transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
+    notifiers: Vec<QueueNotifier>,
     api: Option<ApiServer>,
     state: VmState,
     wait_for_start: bool,
@@ -181,6 +186,8 @@ impl Vmm {
             exit_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
             reset_evt: devices.reset_evt,
             vsock: devices.vsock,
+            transports: devices.transports,
+            notifiers: devices.notifiers,
             api,
             state: VmState::Created,
             wait_for_start,
@@ -319,6 +326,9 @@ impl Vmm {
         if let Some(api) = &self.api {
             watch.push((api.listener_fd(), TOKEN_API, EventSet::IN));
         }
+        for (i, n) in self.notifiers.iter().enumerate() {
+            watch.push((n.fd(), TOKEN_NOTIFY | i as u64, EventSet::IN));
+        }
         for (fd, token, ev) in watch {
             if let Err(e) = epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(ev, token)) {
                 return VmEnd::VmmError(format!("cannot poll fd {fd}: {e}"));
@@ -381,6 +391,11 @@ impl Vmm {
                             }
                         }
                     }
+                    t if t & TOKEN_NOTIFY != 0 => {
+                        if let Some(n) = self.notifiers.get((t & 0xffff_ffff) as usize) {
+                            n.handle();
+                        }
+                    }
                     t if t & TOKEN_API_CONN != 0 => {
                         if let Some(end) = self.api_request((t & 0xffff_ffff) as RawFd) {
                             return end;
@@ -392,13 +407,41 @@ impl Vmm {
         }
     }
 
+    /// Per virtio-mmio device: where it is and how its queue notifications arrived.
+    fn virtio_stats(&self) -> serde_json::Value {
+        let devices: Vec<serde_json::Value> = self
+            .transports
+            .iter()
+            .map(|(base, t)| {
+                let t = lock(t);
+                let s = t.notify_stats();
+                serde_json::json!({
+                    "base": format!("{base:#x}"),
+                    "device_id": t.device().device_type(),
+                    "queues": t.num_queues(),
+                    "ioeventfd_queues": s.ioeventfd_queues,
+                    "notify_ioeventfd": s.via_ioeventfd,
+                    "notify_exit": s.via_exit,
+                })
+            })
+            .collect();
+        devices.into()
+    }
+
     fn api_request(&mut self, fd: RawFd) -> Option<VmEnd> {
         let state = self.state;
+        let stats = self.virtio_stats();
         let api = self.api.as_mut()?;
-        let (seen, _closed) = api.handle(fd, |req| match req {
-            ApiRequest::State => Ok(state.name()),
-            ApiRequest::Start => Ok("running"),
-            ApiRequest::Shutdown => Ok("stopping"),
+        let (seen, _closed) = api.handle(fd, |req| {
+            let state = match req {
+                ApiRequest::State | ApiRequest::Stats => state.name(),
+                ApiRequest::Start => "running",
+                ApiRequest::Shutdown => "stopping",
+            };
+            Ok(match req {
+                ApiRequest::Stats => serde_json::json!({"state": state, "virtio": stats}),
+                _ => serde_json::json!({ "state": state }),
+            })
         });
         for req in seen {
             match req {
@@ -408,7 +451,7 @@ impl Vmm {
                         "shutdown requested on the API socket".into(),
                     ))
                 }
-                ApiRequest::State => {}
+                ApiRequest::State | ApiRequest::Stats => {}
             }
         }
         None

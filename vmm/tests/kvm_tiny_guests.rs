@@ -133,7 +133,9 @@ fn int3_at_ring0_fails_emulation_on_pvm_and_triple_faults_on_hardware() {
 }
 
 /// The guest drives virtio-rng at 0xd0000000 through the whole virtio-mmio sequence and dumps
-/// what it saw to the serial port as raw bytes.
+/// what it saw to the serial port as raw bytes. After the QueueNotify write it polls the
+/// interrupt status (bounded), as a driver waits for the interrupt: with the ioeventfd fast path
+/// the write returns before the device has run.
 const RNG_GUEST: &str = r#"
     mov $0x3f8, %dx
     mov $0xd0000000, %rbx
@@ -174,7 +176,13 @@ const RNG_GUEST: &str = r#"
     movw $0, 0x41004
     movw $1, 0x41002
     movl $0, 0x50(%rbx)        # notify queue 0
-    movzwl 0x42002, %eax       # used idx
+    mov $1000000, %ecx         # with an ioeventfd the device runs on the VMM's event loop
+3:  mov 0x60(%rbx), %eax       # after the write returned: wait for its interrupt status bit
+    test %eax, %eax
+    jnz 4f
+    dec %ecx
+    jnz 3b
+4:  movzwl 0x42002, %eax       # used idx
     call out4
     mov 0x42008, %eax          # used len
     call out4

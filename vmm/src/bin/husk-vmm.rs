@@ -76,6 +76,9 @@ struct Args {
     /// No in-kernel irqchip/PIT: `hlt` then ends the VM (tiny test guests).
     #[arg(long)]
     no_irqchip: bool,
+    /// No ioeventfds: every virtio queue notification is an MMIO exit to the VMM.
+    #[arg(long)]
+    no_ioeventfd: bool,
     /// Log filter (RUST_LOG syntax), logs go to stderr.
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -144,6 +147,7 @@ fn config_from(args: &Args) -> Result<VmConfig> {
         api_socket: args.api_socket.clone(),
         wait_for_start: args.wait_for_start,
         irqchip: !args.no_irqchip,
+        ioeventfd: !args.no_ioeventfd,
     })
 }
 

@@ -8,7 +8,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -163,6 +163,14 @@ impl Vm {
     /// MSRs KVM can save and restore.
     pub fn msr_list(&self) -> &[u32] {
         &self.msr_list
+    }
+
+    /// Make 4-byte guest writes of `datamatch` to MMIO address `addr` signal `evt` inside KVM
+    /// (`KVM_IOEVENTFD`) instead of exiting to the VMM.
+    pub fn register_ioeventfd(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD"))
     }
 
     /// Make writes to `evt` raise interrupt `gsi` (no-op without an irqchip).

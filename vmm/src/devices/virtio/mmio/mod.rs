@@ -15,12 +15,19 @@
 //!
 //! Every register access comes from the guest: unknown offsets, wrong widths, out-of-order
 //! status bits, queue set-up after DRIVER_OK or bad ring addresses are ignored or refused
-//! (DEVICE_NEEDS_RESET), never a panic. Queue notifications arrive as plain MMIO exits on the
-//! vCPU thread.
+//! (DEVICE_NEEDS_RESET), never a panic.
+//!
+//! Queue notifications take the fast path where KVM allows it ([`notify`]): an ioeventfd per
+//! queue on the QueueNotify address, matched on the queue index, so the guest's write completes
+//! inside KVM and the VMM's event loop processes the queue. Where registration fails, or with
+//! `ioeventfd: false`, the write is an MMIO exit handled on the vCPU thread, as every other
+//! register. [`NotifyStats`] counts both paths.
 
+pub mod notify;
 mod transport;
 
-pub use transport::MmioTransport;
+pub use notify::{register_queue_notifiers, QueueNotifier};
+pub use transport::{MmioTransport, NotifyStats};
 
 /// Register offsets and values of virtio-mmio version 2.
 pub mod defs {

@@ -23,6 +23,18 @@ pub struct MmioTransport {
     queues: Vec<Queue>,
     config_generation: u32,
     activated: bool,
+    stats: NotifyStats,
+}
+
+/// How the driver's queue notifications reached the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NotifyStats {
+    /// Queues whose QueueNotify writes KVM signals on an ioeventfd.
+    pub ioeventfd_queues: u32,
+    /// Notifications delivered through an ioeventfd (no exit to the VMM).
+    pub via_ioeventfd: u64,
+    /// QueueNotify writes that exited to the VMM (MMIO exits on a vCPU thread).
+    pub via_exit: u64,
 }
 
 impl MmioTransport {
@@ -45,6 +57,37 @@ impl MmioTransport {
             queues,
             config_generation: 0,
             activated: false,
+            stats: NotifyStats::default(),
+        }
+    }
+
+    /// Number of queues of the device.
+    pub fn num_queues(&self) -> usize {
+        self.device.queue_max_sizes().len()
+    }
+
+    /// Record that KVM signals queue notifications of `queues` queues on ioeventfds.
+    pub fn set_ioeventfd_queues(&mut self, queues: u32) {
+        self.stats.ioeventfd_queues = queues;
+    }
+
+    /// How notifications arrived so far.
+    pub fn notify_stats(&self) -> NotifyStats {
+        self.stats
+    }
+
+    /// The ioeventfd of queue `index` fired `count` times (KVM coalesces writes that arrive
+    /// before the VMM reads the eventfd: the queue is processed once).
+    pub fn notify_from_ioeventfd(&mut self, index: usize, count: u64) {
+        self.stats.via_ioeventfd += count;
+        self.notify_queue(index);
+    }
+
+    fn notify_queue(&mut self, index: usize) {
+        if self.activated && index < self.queues.len() {
+            self.device.queue_notify(index);
+        } else {
+            tracing::debug!("virtio-mmio: notify of queue {index} ignored");
         }
     }
 
@@ -255,12 +298,8 @@ impl MmioTransport {
             QUEUE_USED_LOW => self.update_queue(|q| q.set_used_ring_address(Some(v), None)),
             QUEUE_USED_HIGH => self.update_queue(|q| q.set_used_ring_address(None, Some(v))),
             QUEUE_NOTIFY => {
-                let index = v as usize;
-                if self.activated && index < self.queues.len() {
-                    self.device.queue_notify(index);
-                } else {
-                    tracing::debug!("virtio-mmio: notify of queue {v} ignored");
-                }
+                self.stats.via_exit += 1;
+                self.notify_queue(v as usize);
             }
             INTERRUPT_ACK => self.interrupt.ack(v),
             STATUS => self.set_status(v),

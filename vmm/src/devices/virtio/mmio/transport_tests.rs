@@ -312,3 +312,32 @@ fn rng_fills_a_guest_buffer_end_to_end() {
     w32(&mut t, defs::INTERRUPT_ACK, 1);
     assert_eq!(r32(&mut t, defs::INTERRUPT_STATUS), 0);
 }
+
+#[test]
+fn notifications_from_ioeventfds_are_gated_and_counted_like_register_writes() {
+    let (mut t, calls, _) = fake();
+    assert_eq!(t.num_queues(), 2);
+    // Before DRIVER_OK: counted, not delivered.
+    t.notify_from_ioeventfd(0, 1);
+    assert!(calls.lock().unwrap().notified.is_empty());
+    assert_eq!(negotiate(&mut t, VERSION_1), 0b1011);
+    setup_queue(&mut t, 0, 16, 0x10000);
+    setup_queue(&mut t, 1, 8, 0x20000);
+    w32(&mut t, defs::STATUS, 0b1111);
+    assert!(t.is_activated());
+    // KVM coalesced three writes: one delivery, three counted.
+    t.notify_from_ioeventfd(1, 3);
+    t.notify_from_ioeventfd(7, 1);
+    w32(&mut t, defs::QUEUE_NOTIFY, 0);
+    w32(&mut t, defs::QUEUE_NOTIFY, 9);
+    assert_eq!(calls.lock().unwrap().notified, vec![1, 0]);
+    t.set_ioeventfd_queues(2);
+    assert_eq!(
+        t.notify_stats(),
+        NotifyStats {
+            ioeventfd_queues: 2,
+            via_ioeventfd: 5,
+            via_exit: 2,
+        }
+    );
+}
