@@ -27,6 +27,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::legacy::serial::{SerialDevice, COM1_PORT, COM_PORT_LEN};
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::{register_queue_notifiers, MmioTransport, QueueNotifier};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::virtio_mmio::{VsockMmioDevice, VsockShared};
@@ -81,6 +82,9 @@ pub enum BuildError {
     /// The vsock device could not be set up.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// The virtio-fs device could not reach or agree with its vhost-user backend.
+    #[error(transparent)]
+    Fs(#[from] FsError),
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
@@ -160,6 +164,9 @@ fn build_devices(config: &VmConfig, vm: &Vm) -> Result<Devices> {
         let dev = VsockMmioDevice::new(VsockDevice::new(v.guest_cid, muxer)?);
         vsock = Some(dev.shared());
         virtio.push(Box::new(dev));
+    }
+    if let Some(f) = &config.fs {
+        virtio.push(Box::new(Fs::new(&f.socket, &f.tag)?));
     }
     let mut cmdline_words = Vec::new();
     let mut transports = Vec::new();

@@ -5,7 +5,8 @@
 //!   "boot": {"kind": "linux", "kernel": "/var/cache/husk/vmlinux",
 //!            "initramfs": "initramfs.cpio", "cmdline": "console=ttyS0 reboot=t"},
 //!   "vcpus": 1, "memory_mib": 256, "console_log": "console.log",
-//!   "vsock": {"uds": "vsock.sock", "guest_cid": 3}, "api_socket": "api.sock"
+//!   "vsock": {"uds": "vsock.sock", "guest_cid": 3}, "api_socket": "api.sock",
+//!   "fs": {"socket": "virtiofs.sock", "tag": "husk"}
 //! }
 //! ```
 
@@ -103,6 +104,17 @@ pub struct VsockConfig {
     pub guest_cid: u64,
 }
 
+/// The guest's virtio-fs device, served by a vhost-user-fs backend (virtiofsd).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The backend's vhost-user socket (virtiofsd's `--socket-path`); it must be listening when
+    /// the VM is built.
+    pub socket: PathBuf,
+    /// The tag the guest mounts (`mount -t virtiofs <tag> <dir>`): 1 to 36 bytes, no NUL.
+    pub tag: String,
+}
+
 fn default_vcpus() -> u8 {
     1
 }
@@ -134,6 +146,9 @@ pub struct VmConfig {
     /// Add a virtio-rng device.
     #[serde(default = "yes")]
     pub rng: bool,
+    /// The virtio-fs device (a shared directory served by virtiofsd).
+    #[serde(default)]
+    pub fs: Option<FsConfig>,
     /// The control socket.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
@@ -197,6 +212,14 @@ impl VmConfig {
                 ));
             }
         }
+        if let Some(f) = &self.fs {
+            if f.socket.as_os_str().is_empty() {
+                return bad("fs.socket is empty".into());
+            }
+            if let Err(e) = crate::devices::virtio::fs::FsConfigSpace::new(&f.tag) {
+                return bad(e.to_string());
+            }
+        }
         if self.wait_for_start && self.api_socket.is_none() {
             return bad("wait_for_start needs an api_socket to receive `start`".into());
         }
@@ -251,6 +274,7 @@ mod tests {
             console_log: None,
             vsock: None,
             rng: true,
+            fs: None,
             api_socket: None,
             wait_for_start: false,
             irqchip: true,
@@ -306,5 +330,40 @@ mod tests {
         let mut c = raw(0x10000, RawMode::Long);
         c.wait_for_start = true;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn fs_device_config() {
+        let c: VmConfig = serde_json::from_str(
+            r#"{"boot": {"kind": "linux", "kernel": "/k"},
+                "fs": {"socket": "/run/x/virtiofs.sock", "tag": "husk"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.fs,
+            Some(FsConfig {
+                socket: "/run/x/virtiofs.sock".into(),
+                tag: "husk".into()
+            })
+        );
+        c.validate().unwrap();
+        assert!(serde_json::from_str::<VmConfig>(
+            r#"{"boot": {"kind": "linux", "kernel": "/k"}, "fs": {"socket": "/s"}}"#
+        )
+        .is_err());
+        for (socket, tag, why) in [
+            ("/s", "", "tag"),
+            ("/s", "a\0b", "tag"),
+            ("/s", &"t".repeat(37), "tag"),
+            ("", "husk", "fs.socket"),
+        ] {
+            let mut c = raw(0x10000, RawMode::Long);
+            c.fs = Some(FsConfig {
+                socket: socket.into(),
+                tag: tag.into(),
+            });
+            let e = c.validate().unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        }
     }
 }

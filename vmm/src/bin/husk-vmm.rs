@@ -3,7 +3,8 @@
 //! ```text
 //! husk-vmm --kernel vmlinux --initramfs initramfs.cpio --cmdline "console=ttyS0 reboot=t" \
 //!          --vcpus 1 --memory-mib 256 --console-log console.log \
-//!          --vsock-uds vsock.sock --guest-cid 3 --api-socket api.sock
+//!          --vsock-uds vsock.sock --guest-cid 3 --api-socket api.sock \
+//!          --fs-socket virtiofs.sock --fs-tag husk
 //! husk-vmm --config vm.json
 //! ```
 //!
@@ -16,12 +17,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use husk_vmm::config::{BootProtocol, BootSource, RawMode, VmConfig, VsockConfig};
+use husk_vmm::config::{BootProtocol, BootSource, FsConfig, RawMode, VmConfig, VsockConfig};
 use husk_vmm::seccomp::{Binary, Jail, SeccompLevel};
 use husk_vmm::vmm::{EXIT_USAGE, EXIT_VMM_ERROR};
 
 /// husk's KVM micro-VMM: boots a Linux kernel (or a raw image) with a serial console, an i8042
-/// reset line, virtio-rng and virtio-vsock over virtio-mmio.
+/// reset line, virtio-rng, virtio-vsock and virtio-fs (virtiofsd over vhost-user) over
+/// virtio-mmio.
 #[derive(Parser, Debug)]
 #[command(name = "husk-vmm", version)]
 struct Args {
@@ -64,6 +66,13 @@ struct Args {
     /// Guest CID of the vsock device.
     #[arg(long, default_value_t = 3)]
     guest_cid: u64,
+    /// vhost-user socket of a virtio-fs backend (virtiofsd --socket-path); adds a virtio-fs
+    /// device. It must be listening already.
+    #[arg(long, requires = "fs_tag")]
+    fs_socket: Option<PathBuf>,
+    /// Tag of the virtio-fs device (what the guest mounts).
+    #[arg(long, requires = "fs_socket")]
+    fs_tag: Option<String>,
     /// Leave out the virtio-rng device.
     #[arg(long)]
     no_rng: bool,
@@ -144,6 +153,13 @@ fn config_from(args: &Args) -> Result<VmConfig> {
             guest_cid: args.guest_cid,
         }),
         rng: !args.no_rng,
+        fs: match (&args.fs_socket, &args.fs_tag) {
+            (Some(socket), Some(tag)) => Some(FsConfig {
+                socket: socket.clone(),
+                tag: tag.clone(),
+            }),
+            _ => None,
+        },
         api_socket: args.api_socket.clone(),
         wait_for_start: args.wait_for_start,
         irqchip: !args.no_irqchip,

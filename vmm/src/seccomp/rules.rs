@@ -182,6 +182,9 @@ pub fn vmm_rules() -> Rules {
             ],
         ),
     );
+    // virtio-fs: at DRIVER_OK and reset the vCPU thread talks vhost-user to virtiofsd; requests
+    // carry fds (SET_MEM_TABLE, SET_VRING_KICK/CALL) and replies are read with recvmsg.
+    allow(&mut r, &[libc::SYS_sendmsg, libc::SYS_recvmsg]);
     r
 }
 
