@@ -403,13 +403,20 @@ pub fn wait_for_agent(
                 console_tail: String::new(),
             });
         }
-        if let Some(stream) = hybrid_connect(uds, port, left.min(Duration::from_secs(2)))? {
-            let client = AgentClient::from_stream(stream)?;
-            match client.check(left.min(RPC_TIMEOUT)) {
-                Ok(true) => return Ok(client),
-                Ok(false) => {}
-                Err(e) => tracing::debug!("agent not ready yet: {e}"),
+        match hybrid_connect(uds, port, left.min(Duration::from_secs(2))) {
+            Ok(Some(stream)) => {
+                let client = AgentClient::from_stream(stream)?;
+                match client.check(left.min(RPC_TIMEOUT)) {
+                    Ok(true) => return Ok(client),
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!("agent not ready yet: {e}"),
+                }
             }
+            Ok(None) => {}
+            // A booting guest on a loaded host can take longer than one
+            // try to answer CONNECT: try again until the deadline.
+            Err(e @ Error::Handshake { .. }) => tracing::debug!("agent not ready yet: {e}"),
+            Err(e) => return Err(e),
         }
         std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
         backoff = (backoff * 2).min(Duration::from_millis(20));

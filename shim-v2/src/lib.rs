@@ -7,6 +7,7 @@
 //! the Task API.
 
 pub mod cleanup;
+pub mod config;
 pub mod error;
 pub mod io;
 pub mod owner;

@@ -10,7 +10,7 @@
 //! GetOomEvent (also on its own connection) and publishes TaskOOM.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use containerd_shim::api::{self, Status};
@@ -24,7 +24,7 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{EnumOrUnknown, MessageField};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
-use husk_runtime::{RuntimeConfig, Sandbox, Stdio};
+use husk_runtime::{Sandbox, Stdio};
 
 use crate::error::{Result, ShimError};
 use crate::owner::SandboxOwner;
@@ -62,6 +62,11 @@ struct Inner {
     publisher: RemotePublisher,
     owner: SandboxOwner,
     sandbox: Mutex<Option<Sandbox>>,
+    /// The config file to read when the sandbox starts, and whether it
+    /// must exist.
+    config: Mutex<(PathBuf, bool)>,
+    /// The guest console goes to the log when the VM stops.
+    debug_console: std::sync::atomic::AtomicBool,
     tasks: Mutex<HashMap<String, Container>>,
     exited: Condvar,
     exit: Arc<ExitSignal>,
@@ -106,6 +111,11 @@ impl TaskService {
                 publisher,
                 owner: SandboxOwner::spawn()?,
                 sandbox: Mutex::new(None),
+                config: Mutex::new(crate::config::config_path(
+                    None,
+                    std::env::var(crate::config::CONFIG_ENV).ok(),
+                )),
+                debug_console: Default::default(),
                 tasks: Mutex::new(HashMap::new()),
                 exited: Condvar::new(),
                 exit,
@@ -139,6 +149,14 @@ impl Inner {
         lock(&self.sandbox)
             .as_mut()
             .is_some_and(|sb| matches!(sb.try_exit(), Ok(Some(_)) | Err(_)))
+    }
+
+    /// The interesting end of the guest console log.
+    fn console_tail(&self) -> String {
+        lock(&self.sandbox)
+            .as_ref()
+            .map(|sb| husk_runtime::sandbox::console_excerpt(&sb.dir().join("console.log")))
+            .unwrap_or_default()
     }
 
     /// Runs `f` on a process's record.
@@ -206,19 +224,32 @@ impl Inner {
         });
     }
 
-    /// Starts the sandbox VM for the first container, with its OOM watcher.
-    fn ensure_sandbox(self: &Arc<Self>) -> Result<()> {
+    /// Starts the sandbox VM for the first container (sized by its
+    /// bundle, see [`crate::config`]), with its OOM watcher.
+    fn ensure_sandbox(self: &Arc<Self>, bundle: &Path) -> Result<()> {
+        use std::sync::atomic::Ordering;
         let mut sb = lock(&self.sandbox);
         if sb.is_some() {
             return Ok(());
         }
-        let cfg = RuntimeConfig::from_env()?;
+        let (path, required) = lock(&self.config).clone();
+        let (cfg, debug) = crate::config::sandbox_config(&path, required, bundle)?;
+        self.debug_console.store(debug, Ordering::Relaxed);
         log::info!(
-            "starting sandbox {} under {:?}",
+            "starting sandbox {} ({} vCPU, {} MiB, config {:?}) under {:?}",
             self.sandbox_id,
+            cfg.vcpus,
+            cfg.memory_mib,
+            path,
             cfg.run_root
         );
         let started = self.owner.start(cfg, &self.sandbox_id)?;
+        log::info!(
+            "sandbox {} ready in {} ms on {:?}",
+            self.sandbox_id,
+            started.ready_after().as_millis(),
+            started.backend()
+        );
         let client = started.dial_agent()?;
         *sb = Some(started);
         let me = Arc::clone(self);
@@ -238,7 +269,12 @@ impl Inner {
             return Err(ShimError::AlreadyExists(format!("container {id:?}")));
         }
         let bundle = PathBuf::from(&req.bundle);
-        self.ensure_sandbox()?;
+        if let Some(o) = req.options.as_ref() {
+            if let Some(p) = crate::config::options_config_path(&o.type_url, &o.value) {
+                *lock(&self.config) = (PathBuf::from(p), true);
+            }
+        }
+        self.ensure_sandbox(&bundle)?;
         let rootfs_mounted = crate::rootfs::mount_all(&bundle, &req.rootfs)?;
         let undo = || {
             if rootfs_mounted {
@@ -358,7 +394,10 @@ impl Inner {
             Ok(s) => u32::try_from(s).unwrap_or(255),
             Err(e) => {
                 if self.vm_gone() {
-                    log::error!("{id}/{exec_id}: the sandbox VM has ended: {e}");
+                    log::error!(
+                        "{id}/{exec_id}: the sandbox VM has ended: {e}; its console:\n{}",
+                        self.console_tail()
+                    );
                 } else {
                     log::error!("waiting for {id}/{exec_id}: {e}");
                 }
@@ -578,6 +617,17 @@ impl Inner {
         }
         let sb = lock(&self.sandbox).take();
         if let Some(sb) = sb {
+            if self
+                .debug_console
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let console = std::fs::read(sb.dir().join("console.log")).unwrap_or_default();
+                log::info!(
+                    "guest console of sandbox {}:\n{}",
+                    self.sandbox_id,
+                    String::from_utf8_lossy(&console)
+                );
+            }
             if let Err(e) = sb.stop() {
                 log::warn!("stopping sandbox {}: {e}", self.sandbox_id);
             }

@@ -39,9 +39,42 @@ pub fn grouping_id(bundle: &std::path::Path, id: &str) -> String {
 pub fn start_daemon(opts: StartOpts) -> containerd_shim::Result<String> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
     let grouping = grouping_id(&cwd, &opts.id);
-    let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+    // containerd writes the runtime options (an Any) to our stdin; their
+    // ConfigPath names the config file the shim reads.
+    let config = runtime_options_config_path();
+    let mut vars = Vec::new();
+    if let Some(p) = &config {
+        vars.push((crate::config::CONFIG_ENV, p.as_str()));
+        std::fs::write(cwd.join(crate::config::BUNDLE_RECORD), p).map_err(|err| {
+            containerd_shim::Error::IoError {
+                context: "recording the config path in the bundle".into(),
+                err,
+            }
+        })?;
+    }
+    let (_pid, address) = containerd_shim::spawn(opts, &grouping, vars)?;
     containerd_shim::util::write_address(&address)?;
     Ok(address)
+}
+
+/// The `ConfigPath` of the runtime options containerd passes on stdin to
+/// `start`, if any (stdin is not read when it is a terminal).
+fn runtime_options_config_path() -> Option<String> {
+    use containerd_shim::protos::protobuf::Message;
+    use std::io::{IsTerminal, Read};
+    let mut stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return None;
+    }
+    let mut data = Vec::new();
+    stdin.read_to_end(&mut data).ok()?;
+    if data.is_empty() {
+        return None;
+    }
+    let any =
+        containerd_shim::protos::protobuf::well_known_types::any::Any::parse_from_bytes(&data)
+            .ok()?;
+    crate::config::options_config_path(&any.type_url, &any.value)
 }
 
 impl containerd_shim::Shim for HuskShim {
@@ -66,9 +99,7 @@ impl containerd_shim::Shim for HuskShim {
         } else {
             PathBuf::from(&self.bundle)
         };
-        let run_root = husk_runtime::RuntimeConfig::from_env()
-            .map(|c| c.run_root)
-            .unwrap_or_else(|_| PathBuf::from("/run/husk"));
+        let run_root = crate::config::cleanup_run_root(&bundle);
         crate::cleanup::cleanup(&self.id, &bundle, &run_root);
         Ok(DeleteResponse {
             pid: 0,

@@ -6,25 +6,11 @@
 
 use std::time::{Duration, Instant};
 
+use common::containerd_with_busybox;
 use husk_tests::containerd::{skip_reason, Containerd, Events};
-use husk_tests::{busybox_layout, e2e_config, processes_mentioning, target_dir};
+use husk_tests::processes_mentioning;
 
-const RUNTIME: &str = "io.containerd.husk.v2";
-
-/// A private containerd whose shims find this build's
-/// `containerd-shim-husk-v2` first in PATH and inherit the guest artifacts
-/// and a private run root (`<dir>/run`).
-fn start_containerd() -> Containerd {
-    let b = Containerd::builder();
-    let run = b.dir().join("run");
-    let cfg = e2e_config(&run);
-    b.shim(target_dir().join("containerd-shim-husk-v2"))
-        .env("HUSK_RUN_DIR", run)
-        .env("HUSK_KERNEL", cfg.kernel)
-        .env("HUSK_INITRAMFS", cfg.initramfs)
-        .runtime(&["--runtime", RUNTIME])
-        .start()
-}
+mod common;
 
 /// Returns early (printing SKIP) without containerd, ctr or QEMU.
 macro_rules! skip_unless_tools {
@@ -34,14 +20,6 @@ macro_rules! skip_unless_tools {
             return;
         }
     };
-}
-
-/// A private containerd with the busybox image imported.
-fn containerd_with_busybox() -> Containerd {
-    let layout = busybox_layout();
-    let cd = start_containerd();
-    cd.import_busybox(&layout);
-    cd
 }
 
 /// QEMU processes of this containerd's sandboxes (their command lines
@@ -375,5 +353,88 @@ fn ctr_vmm_killed_ends_the_task_with_an_error() {
     assert!(cd.ctr(&["containers", "rm", "vm1"]).status.success());
     assert_in_order(&events, "vm1", &["/tasks/exit", "/tasks/delete"]);
     drop(events);
+    finish(cd);
+}
+
+/// The `-smp` and `-m` of the one QEMU whose command line mentions `id`'s
+/// sandbox directory.
+fn vm_size(cd: &Containerd, id: &str) -> (String, String) {
+    let dir = cd.dir().join("run").join(id).display().to_string();
+    let vms: Vec<_> = qemus(cd)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(&format!("{dir}/")))
+        .collect();
+    assert_eq!(vms.len(), 1, "one VM for {id}: {vms:?}");
+    let args: Vec<&str> = vms[0].1.split(' ').collect();
+    let after = |flag: &str| {
+        let i = args.iter().position(|a| *a == flag).expect(flag);
+        args[i + 1].to_string()
+    };
+    (after("-smp"), after("-m"))
+}
+
+#[test]
+fn ctr_config_file_and_pod_sizing() {
+    skip_unless_tools!("ctr_config_file_and_pod_sizing");
+    let cd = containerd_with_busybox();
+    // The config file named by the runtime options (ctr's
+    // --runtime-config-path) sizes the VM.
+    let file = cd.dir().join("other.toml");
+    std::fs::write(&file, "default_memory_mib = 320\ndebug_console = true\n").unwrap();
+    let file = file.to_str().unwrap();
+    let out = cd.ctr(&cd.run_args(
+        &["-d", "--runtime-config-path", file],
+        "cfg1",
+        &["sleep", "1000"],
+    ));
+    assert!(out.status.success(), "ctr run -d cfg1: {out:?}");
+    assert_eq!(vm_size(&cd, "cfg1"), ("1".into(), "320M".into()));
+
+    // Pod sizing: the memory limit is added to the default, the vCPU
+    // annotation sets the count.
+    let out = cd.ctr(&cd.run_args(
+        &[
+            "-d",
+            "--memory-limit",
+            "33554432",
+            "--annotation",
+            "io.husk.vcpus=2",
+        ],
+        "cfg2",
+        &["sleep", "1000"],
+    ));
+    assert!(out.status.success(), "ctr run -d cfg2: {out:?}");
+    assert_eq!(vm_size(&cd, "cfg2"), ("2".into(), "288M".into()));
+    let (code, out, err) = cd.exec(
+        "cfg2",
+        "n",
+        &["grep", "-c", "^processor", "/proc/cpuinfo"],
+        b"",
+    );
+    assert_eq!((code, out.trim()), (0, "2"), "{err}");
+
+    // A config path that does not exist fails the run and says which.
+    let (code, _, err) = cd.with_stdin(
+        &cd.run_args(
+            &["--rm", "--runtime-config-path", "/nonexistent/husk.toml"],
+            "cfg3",
+            &["true"],
+        ),
+        b"",
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("/nonexistent/husk.toml"), "stderr: {err}");
+    let _ = cd.ctr(&["containers", "rm", "cfg3"]);
+
+    for id in ["cfg1", "cfg2"] {
+        assert!(cd.ctr(&["task", "kill", "-s", "9", id]).status.success());
+        cd.wait_for_task(id, Duration::from_secs(30), |s| s == "STOPPED")
+            .unwrap_or_else(|s| panic!("{id} is {s} after SIGKILL"));
+        assert!(cd.ctr(&["task", "rm", id]).status.success());
+        assert!(cd.ctr(&["containers", "rm", id]).status.success());
+    }
+    // debug_console: the guest console reached containerd's log.
+    let log = cd.log();
+    assert!(log.contains("guest console of sandbox cfg1"), "{log}");
     finish(cd);
 }

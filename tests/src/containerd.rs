@@ -188,6 +188,23 @@ impl Containerd {
         self.dir.path()
     }
 
+    /// containerd's gRPC socket (the `-address` its shims get).
+    pub fn address(&self) -> &Path {
+        &self.sock
+    }
+
+    /// containerd's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// containerd's open file descriptors.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
     /// containerd's state directory (task bundles, with their rootfs
     /// mounts, live under it).
     pub fn state_dir(&self) -> PathBuf {

@@ -1,0 +1,40 @@
+//! The private containerd the shim's end-to-end tests share.
+
+use husk_tests::containerd::Containerd;
+use husk_tests::{busybox_layout, e2e_config, target_dir};
+
+/// The runtime name `ctr run --runtime` asks for.
+pub const RUNTIME: &str = "io.containerd.husk.v2";
+
+/// A private containerd (see `husk_tests::containerd`) whose shims find
+/// this build's `containerd-shim-husk-v2` first in PATH and inherit the
+/// guest artifacts, a private run root (`<dir>/run`) and an empty config
+/// file (`<dir>/husk.toml`, so the host's /etc/husk/config.toml plays no
+/// part); the busybox image is imported. The shim and husk-vsock (found
+/// beside the shim) are copies in `<dir>/husk-bin`, so a rebuild of the
+/// shared target directory during a test cannot pull them away.
+pub fn containerd_with_busybox() -> Containerd {
+    let layout = busybox_layout();
+    let b = Containerd::builder();
+    let run = b.dir().join("run");
+    let cfg = e2e_config(&run);
+    let own = b.dir().join("husk-bin");
+    std::fs::create_dir_all(&own).unwrap();
+    for name in ["containerd-shim-husk-v2", "husk-vsock"] {
+        std::fs::copy(target_dir().join(name), own.join(name)).unwrap_or_else(|e| {
+            panic!("copying {name}: {e} (run `cargo build --workspace --bins`)")
+        });
+    }
+    let config = b.dir().join("husk.toml");
+    std::fs::write(&config, "# the test's husk config: defaults\n").unwrap();
+    let cd = b
+        .shim(own.join("containerd-shim-husk-v2"))
+        .env("HUSK_CONFIG", config)
+        .env("HUSK_RUN_DIR", run)
+        .env("HUSK_KERNEL", cfg.kernel)
+        .env("HUSK_INITRAMFS", cfg.initramfs)
+        .runtime(&["--runtime", RUNTIME])
+        .start();
+    cd.import_busybox(&layout);
+    cd
+}
