@@ -38,7 +38,17 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
 }
 
 fn request(sock: &Path, line: &str) -> String {
-    let mut s = UnixStream::connect(sock).unwrap();
+    // The socket file appears at bind(2), a moment before listen(2): retry a refusal briefly.
+    let mut tries = 0;
+    let mut s = loop {
+        match UnixStream::connect(sock) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => break r.unwrap(),
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(format!("{line}\n").as_bytes()).unwrap();
     let mut answer = String::new();

@@ -127,8 +127,15 @@ fn common() -> Rules {
             libc::SYS_restart_syscall,
             libc::SYS_exit,
             libc::SYS_exit_group,
+            // The rest of a thread's start-up, for threads created just before the filter (a
+            // device's thread made when the VM is built may still be starting when TSYNC
+            // reaches it). Creating threads stays forbidden in husk-vmm.
+            libc::SYS_rseq,
+            libc::SYS_set_robust_list,
+            libc::SYS_sched_getaffinity,
         ],
     );
+    r.insert(libc::SYS_prctl, arg_in(0, &[libc::PR_SET_NAME as u64]));
     let no_exec = libc::PROT_EXEC as u64;
     r.insert(libc::SYS_mmap, arg_clear(2, no_exec));
     r.insert(libc::SYS_mprotect, arg_clear(2, no_exec));
@@ -198,16 +205,12 @@ pub fn vsock_rules() -> Rules {
             libc::SYS_recvmsg,
             libc::SYS_sendmsg,
             libc::SYS_rt_sigtimedwait,
-            libc::SYS_set_robust_list,
-            libc::SYS_rseq,
-            libc::SYS_sched_getaffinity,
             // Allowed here so that the stacked ENOSYS filter decides (see the module docs).
             libc::SYS_clone3,
         ],
     );
     r.insert(libc::SYS_clone, arg_set(0, libc::CLONE_THREAD as u64));
     r.insert(libc::SYS_ioctl, arg_in(1, &[libc::FIONBIO]));
-    r.insert(libc::SYS_prctl, arg_in(0, &[libc::PR_SET_NAME as u64]));
     r.insert(libc::SYS_tgkill, arg_in(2, &[libc::SIGABRT as u64]));
     r
 }
