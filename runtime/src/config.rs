@@ -107,12 +107,9 @@ impl RuntimeConfig {
     /// Which backend this config gets on this host, and why.
     pub fn backend_choice(&self, host: &HostProbe) -> Result<BackendChoice> {
         match self.backend {
-            // husk-vmm has no virtio-fs yet: auto picks it only for VMs
-            // that share no directory.
-            BackendSetting::Auto => Ok(choose_backend(
-                &host.kvm,
-                !self.shared_fs && self.husk_vmm().is_ok(),
-            )),
+            // husk-vmm serves the shared directory through virtiofsd as
+            // QEMU does, so auto picks it for every sandbox where it runs.
+            BackendSetting::Auto => Ok(choose_backend(&host.kvm, self.husk_vmm().is_ok())),
             BackendSetting::Fixed(BackendKind::HuskVmm) if !host.kvm.runs_linux() => {
                 Err(Error::BackendUnavailable {
                     backend: "husk-vmm",
@@ -210,6 +207,7 @@ impl RuntimeConfig {
             BackendKind::HuskVmm => {
                 return Ok(Box::new(HuskVmm {
                     binary: self.husk_vmm()?,
+                    virtiofsd: self.virtiofsd(),
                 }))
             }
         };
@@ -262,5 +260,21 @@ mod tests {
             c.backend_choice(&host(KvmKind::Pvm)).unwrap().kind,
             BackendKind::QemuTcg
         );
+    }
+
+    #[test]
+    fn auto_picks_husk_vmm_on_hardware_kvm_with_or_without_a_shared_dir() {
+        let mut c = RuntimeConfig::from_env().unwrap();
+        c.backend = BackendSetting::Auto;
+        c.husk_vmm = Some("/bin/true".into());
+        let hw = host(KvmKind::Hardware { flag: "vmx" });
+        for shared_fs in [false, true] {
+            c.shared_fs = shared_fs;
+            assert_eq!(c.backend_choice(&hw).unwrap().kind, BackendKind::HuskVmm);
+            assert_eq!(
+                c.backend_choice(&host(KvmKind::Pvm)).unwrap().kind,
+                BackendKind::QemuTcg
+            );
+        }
     }
 }

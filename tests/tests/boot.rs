@@ -28,7 +28,14 @@ fn sandbox_boots_to_agent_version_and_stops_clean() {
     assert!(v.boottime_ns >= ns[2]);
     assert!(sb.agent().check(Duration::from_secs(5)).unwrap());
     let pids = sb.pids();
-    assert_eq!(pids.len(), 3, "QEMU, husk-vsock, virtiofsd");
+    // auto: QEMU + husk-vsock + virtiofsd, or on hardware KVM with husk-vmm
+    // found (HUSK_VMM), husk-vmm + virtiofsd.
+    let expected = if sb.backend() == husk_runtime::hypervisor::BackendKind::HuskVmm {
+        2
+    } else {
+        3
+    };
+    assert_eq!(pids.len(), expected, "{:?}: {pids:?}", sb.backend());
     let dir = sb.dir().to_path_buf();
     assert!(dir.join("console.log").exists());
     let exit = sb.stop().unwrap();
@@ -58,7 +65,7 @@ fn dropping_a_sandbox_kills_its_vm() {
 }
 
 /// The same boot on the husk-vmm backend, wherever the host has hardware
-/// KVM (vmx/svm). husk-vmm has no virtio-fs yet, so the sandbox has no share.
+/// KVM (vmx/svm), without a shared directory (husk-vmm alone).
 #[test]
 fn husk_vmm_sandbox_boots_to_agent_and_stops_clean_on_hardware_kvm() {
     let host = HostProbe::detect();
@@ -98,5 +105,54 @@ fn husk_vmm_sandbox_boots_to_agent_and_stops_clean_on_hardware_kvm() {
     let pids = sb.pids();
     drop(sb);
     assert!(!alive(pids[0]), "husk-vmm survived drop");
+    assert_nothing_left(run.path());
+}
+
+/// husk-vmm with the sandbox's shared directory, on hardware KVM: virtiofsd
+/// runs beside husk-vmm, whose virtio-fs device the agent mounts (tag
+/// `husk`, in CreateSandbox: a failed mount fails the start); stop and drop
+/// leave neither process behind. vmm/tests/kvm_virtio_fs.rs covers the
+/// device with a tiny guest on any /dev/kvm.
+#[test]
+fn husk_vmm_sandbox_mounts_its_shared_dir_over_virtio_fs_on_hardware_kvm() {
+    let test = "husk_vmm_sandbox_mounts_its_shared_dir_over_virtio_fs_on_hardware_kvm";
+    let host = HostProbe::detect();
+    if !host.kvm.runs_linux() {
+        eprintln!("SKIP {test}: {}", host.kvm.describe());
+        return;
+    }
+    let run = tempfile::tempdir().unwrap();
+    let mut cfg = e2e_config(run.path());
+    cfg.backend =
+        husk_runtime::config::BackendSetting::Fixed(husk_runtime::hypervisor::BackendKind::HuskVmm);
+    cfg.shared_fs = true;
+    if cfg.husk_vmm.is_none() {
+        cfg.husk_vmm = Some(husk_tests::bin("husk-vmm"));
+    }
+    if cfg.virtiofsd().is_none() {
+        eprintln!("SKIP {test}: virtiofsd is not installed");
+        return;
+    }
+    let sb = Sandbox::start(&cfg, &host, "vmmfs").unwrap();
+    eprintln!(
+        "husk-vmm + virtio-fs: agent ready {:?} after spawn",
+        sb.ready_after()
+    );
+    assert!(sb.shared_dir().is_some());
+    let pids = sb.pids();
+    assert_eq!(pids.len(), 2, "husk-vmm and virtiofsd: {pids:?}");
+    let exit = sb.stop().unwrap();
+    assert_eq!(exit.status.and_then(|s| s.code()), Some(0), "{exit:?}");
+    for p in pids {
+        assert!(!alive(p), "pid {p} survived stop");
+    }
+    assert_nothing_left(run.path());
+
+    let sb = Sandbox::start(&cfg, &host, "vmmfsdrop").unwrap();
+    let pids = sb.pids();
+    drop(sb);
+    for p in pids {
+        assert!(!alive(p), "pid {p} survived drop");
+    }
     assert_nothing_left(run.path());
 }

@@ -7,6 +7,7 @@
 
 pub mod husk_vmm;
 pub mod qemu;
+pub mod virtiofsd;
 
 use std::path::PathBuf;
 use std::process::ExitStatus;

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::hypervisor::virtiofsd::{
+    log_file, spawn_virtiofsd, wait_for_socket, BACKEND_READY_TIMEOUT,
+};
 use crate::hypervisor::{BackendKind, Hypervisor, Vm, VmExit, VmSpec};
 use crate::process::{describe_status, OwnedChild};
-
-/// How long the vsock backend may take to create its sockets.
-const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long QEMU gets to exit after its vsock backend did, before the
 /// backend is blamed for the VM's end.
@@ -148,40 +148,6 @@ impl Qemu {
     }
 }
 
-impl Qemu {
-    /// Starts virtiofsd sharing `dir` on `sock` and waits for its socket.
-    /// It runs in its own mount namespace (`--sandbox namespace`); mounts
-    /// added under `dir` later reach it because `dir` is a shared mount
-    /// (see `shared_fs`).
-    fn spawn_virtiofsd(&self, dir: &Path, sock: &Path, run_dir: &Path) -> Result<OwnedChild> {
-        let bin = self.virtiofsd.clone().ok_or_else(|| Error::Artifact {
-            what: "virtiofsd",
-            path: "virtiofsd".into(),
-            reason: "not found".into(),
-            hint: "install it: cargo install virtiofsd (needs libcap-ng-dev libseccomp-dev)",
-        })?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("--socket-path")
-            .arg(sock)
-            .arg("--shared-dir")
-            .arg(dir)
-            .args([
-                "--sandbox",
-                "namespace",
-                "--cache",
-                "auto",
-                "--announce-submounts",
-            ])
-            .args(["--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file(&run_dir.join("virtiofsd.log"))?);
-        let mut child = OwnedChild::spawn_group("virtiofsd", cmd)?;
-        wait_for_socket(&mut child, sock, BACKEND_READY_TIMEOUT)?;
-        Ok(child)
-    }
-}
-
 impl Hypervisor for Qemu {
     fn kind(&self) -> BackendKind {
         match self.accel {
@@ -211,8 +177,8 @@ impl Hypervisor for Qemu {
         wait_for_socket(&mut backend, &vhost_sock, BACKEND_READY_TIMEOUT)?;
         let (virtiofsd, fs_socket) = match &spec.shared_dir {
             Some(dir) => {
-                let sock = spec.run_dir.join("virtiofs.sock");
-                let child = self.spawn_virtiofsd(dir, &sock, &spec.run_dir)?;
+                let sock = spec.run_dir.join(super::virtiofsd::SOCKET_NAME);
+                let child = spawn_virtiofsd(self.virtiofsd.as_deref(), dir, &sock, &spec.run_dir)?;
                 (Some(child), Some(sock))
             }
             None => (None, None),
@@ -246,54 +212,6 @@ impl Hypervisor for Qemu {
             run_dir: spec.run_dir.clone(),
         }))
     }
-}
-
-fn log_file(path: &Path) -> Result<std::fs::File> {
-    std::fs::File::create(path).map_err(|e| Error::io(format!("creating {path:?}"), e))
-}
-
-/// Whether the Unix socket bound at `sock` listens, by `/proc/net/unix`
-/// (its path exists from bind(2), but connects are refused until
-/// listen(2)). Connecting to find out would take the backend's one
-/// frontend connection. True when the table cannot be read.
-fn listening(sock: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return true;
-    };
-    let path = sock.to_string_lossy();
-    // Num RefCount Protocol Flags Type St Inode Path; Flags has
-    // __SO_ACCEPTCON (0x10000) once listen(2) was called.
-    table.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() >= 8
-            && f[7] == path
-            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
-    })
-}
-
-/// Waits until `sock` exists and listens while `owner` lives.
-fn wait_for_socket(owner: &mut OwnedChild, sock: &Path, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !(sock.exists() && listening(sock)) {
-        if let Some(s) = owner.try_wait()? {
-            return Err(Error::ProcessExited {
-                what: owner.what(),
-                status: describe_status(s),
-                console_tail: String::new(),
-            });
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::Io {
-                context: format!(
-                    "{} did not create {sock:?} within {timeout:?}",
-                    owner.what()
-                ),
-                source: std::io::ErrorKind::TimedOut.into(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(())
 }
 
 /// A QEMU VM and its vsock backend.
@@ -349,7 +267,7 @@ impl Vm for QemuVm {
                 if self.qemu.wait_timeout(BACKEND_EXIT_GRACE)?.is_some() {
                     return self.try_exit();
                 }
-                let log = self.log_tail("virtiofsd.log");
+                let log = self.log_tail(super::virtiofsd::LOG_NAME);
                 return Ok(Some(VmExit {
                     reason: format!("virtiofsd exited ({}): {log}", describe_status(s)),
                     status: None,
@@ -400,26 +318,6 @@ impl Vm for QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_bound_socket_listens_only_after_listen() {
-        use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag};
-        use nix::sys::socket::{SockType, UnixAddr};
-        use std::os::fd::AsRawFd;
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("s.sock");
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::empty(),
-            None,
-        )
-        .unwrap();
-        bind(fd.as_raw_fd(), &UnixAddr::new(&p).unwrap()).unwrap();
-        assert!(p.exists() && !listening(&p));
-        listen(&fd, Backlog::new(1).unwrap()).unwrap();
-        assert!(listening(&p));
-    }
     use crate::kernel_cmdline::KernelCmdline;
 
     fn cmd(accel: Accel) -> QemuCommand {
