@@ -197,6 +197,7 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<ListProcessesResponse> {
         let mut r = ListProcessesResponse::new();
         r.pids = self.containers.pids(&req.container_id)?;
+        r.processes = crate::container::procs::describe(&r.pids);
         Ok(r)
     }
 

@@ -292,6 +292,17 @@ impl AgentClient {
         })
     }
 
+    /// A container's processes with `ps -ef`'s details.
+    pub fn process_details(&self, id: &str) -> Result<Vec<husk_protocols::agent::ProcessInfo>> {
+        let res = self
+            .agent
+            .list_processes(ctx(RPC_TIMEOUT), &container_req(id));
+        res.map(|x| x.processes).map_err(|source| Error::Agent {
+            request: "ListProcesses",
+            source,
+        })
+    }
+
     /// Applies OCI LinuxResources (JSON).
     pub fn update_container(&self, id: &str, resources: Vec<u8>) -> Result<()> {
         let mut r = UpdateContainerRequest::new();

@@ -192,6 +192,12 @@ fn husk_matches_runc_state_list_ps_and_exit_codes() {
         let ps = rt.run(&["ps", "--format", "json", id]);
         let ps: Vec<i64> = serde_json::from_slice(&ps.stdout).unwrap();
         assert!(!ps.is_empty(), "{}: ps lists no process", rt.name);
+        let ps_table = String::from_utf8(rt.run(&["ps", id]).stdout).unwrap();
+        assert!(
+            ps_table.lines().skip(1).any(|l| l.ends_with("sleep 1000")),
+            "{}: {ps_table}",
+            rt.name
+        );
         step("delete running", &rt.run(&["delete", id]), "not stopped");
         step("kill", &rt.run(&["kill", id, "KILL"]), "");
         rt.wait_stopped(id);
@@ -216,7 +222,7 @@ fn husk_matches_runc_state_list_ps_and_exit_codes() {
             keys(&created),
             keys(&list[0]),
             table,
-            ps.len(),
+            ps_table,
         ));
         assert_clean(&rt, dir.path());
     }
@@ -233,6 +239,7 @@ fn husk_matches_runc_state_list_ps_and_exit_codes() {
         "list table header differs"
     );
     assert_eq!(husk.4.lines().count(), runc.4.lines().count());
+    assert_eq!(header(&husk.5), header(&runc.5), "ps table header differs");
 }
 
 #[test]

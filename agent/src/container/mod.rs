@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 pub mod executor;
+pub mod procs;
 pub mod stdio;
 pub mod sysctl;
 

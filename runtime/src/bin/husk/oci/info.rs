@@ -27,14 +27,62 @@ pub fn ps(g: &Global, id: &str, format: &str) -> Result<i32> {
     match format {
         "json" => println!("{}", serde_json::to_string(&pids)?),
         "table" => {
-            println!("PID");
-            for p in pids {
-                println!("{p}");
-            }
+            let procs = AgentClient::dial(&r.vsock_uds)?.process_details(id)?;
+            let users = passwd_names(&r.rootfs.join("etc/passwd"));
+            print!("{}", ps_table(&procs, &users, unix_now()));
         }
         f => bail!("invalid format option {f:?}: use table or json"),
     }
     Ok(0)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// uid → name from the container's /etc/passwd (the names `ps` inside it
+/// would show).
+fn passwd_names(path: &Path) -> std::collections::HashMap<u32, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some((f.get(2)?.parse().ok()?, f.first()?.to_string()))
+        })
+        .collect()
+}
+
+/// `ps -ef`'s table (procps layout) of guest processes.
+fn ps_table(
+    procs: &[husk_protocols::agent::ProcessInfo],
+    users: &std::collections::HashMap<u32, String>,
+    now: u64,
+) -> String {
+    let mut out = format!(
+        "{:<8} {:>5} {:>5} {:>2} {:>5} {:<8} {:>8} CMD\n",
+        "UID", "PID", "PPID", "C", "STIME", "TTY", "TIME"
+    );
+    for p in procs {
+        let user = users
+            .get(&p.uid)
+            .cloned()
+            .unwrap_or_else(|| p.uid.to_string());
+        let age = now.saturating_sub(p.start_unix_secs).max(1);
+        let cpu = (p.cpu_ms / 10 / age).min(99);
+        let day = p.start_unix_secs % 86_400;
+        let stime = format!("{:02}:{:02}", day / 3600, day % 3600 / 60);
+        let t = p.cpu_ms / 1000;
+        let time = format!("{:02}:{:02}:{:02}", t / 3600, t % 3600 / 60, t % 60);
+        out.push_str(&format!(
+            "{user:<8} {:>5} {:>5} {cpu:>2} {stime:>5} {:<8} {time:>8} {}\n",
+            p.pid, p.ppid, p.tty, p.cmd
+        ));
+    }
+    out
 }
 
 fn stats_event(agent: &AgentClient, id: &str) -> Result<serde_json::Value> {
@@ -303,6 +351,22 @@ pub fn spec(bundle: &Path) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ps_table_has_procps_layout() {
+        let mut p = husk_protocols::agent::ProcessInfo::new();
+        p.pid = 1;
+        p.uid = 0;
+        p.start_unix_secs = 3600 * 14 + 60 * 51;
+        p.tty = "?".into();
+        p.cpu_ms = 49_000;
+        p.cmd = "sleep 1000".into();
+        let users = [(0, "root".to_string())].into_iter().collect();
+        let t = ps_table(&[p], &users, 3600 * 15);
+        let want = "UID        PID  PPID  C STIME TTY          TIME CMD\n\
+                    root         1     0  9 14:51 ?        00:00:49 sleep 1000\n";
+        assert_eq!(t, want);
+    }
 
     #[test]
     fn durations_parse_like_go() {
