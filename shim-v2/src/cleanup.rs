@@ -2,23 +2,38 @@
 //! after a crash): unmount the bundle's rootfs, and for the sandbox's own
 //! id, kill what is left of the VM and remove its state directory.
 
-use std::path::Path;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 
-/// Whether a live shim still answers at the address in `<bundle>/address`
-/// (then the sandbox is still in use by other containers of the pod).
-fn shim_alive(bundle: &Path) -> bool {
-    let Ok(addr) = std::fs::read_to_string(bundle.join("address")) else {
-        return false;
-    };
-    let path = addr.trim().trim_start_matches("unix://");
-    std::os::unix::net::UnixStream::connect(path).is_ok()
+/// The shim socket named in `<bundle>/address` (written by `start`).
+fn shim_socket(bundle: &Path) -> Option<PathBuf> {
+    let addr = std::fs::read_to_string(bundle.join("address")).ok()?;
+    Some(PathBuf::from(addr.trim().trim_start_matches("unix://")))
+}
+
+/// Removes `path` if it is a Unix socket (a shim's listening socket).
+pub fn remove_socket(path: &Path) {
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!("removing shim socket {path:?}: {e}");
+        }
+    }
 }
 
 /// Cleans up after container `id` with bundle `bundle`, whose sandbox
-/// state would be `<run_root>/<id>`.
+/// state would be `<run_root>/<id>`. While a live shim answers at the
+/// bundle's address, the sandbox is still in use by other containers of
+/// the pod and stays; a dead shim's socket is removed.
 pub fn cleanup(id: &str, bundle: &Path, run_root: &Path) {
     crate::rootfs::unmount(bundle);
-    if husk_runtime::sandbox::validate_id(id).is_err() || shim_alive(bundle) {
+    if let Some(sock) = shim_socket(bundle) {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            return;
+        }
+        remove_socket(&sock);
+    }
+    if husk_runtime::sandbox::validate_id(id).is_err() {
         return;
     }
     husk_runtime::remains::remove_sandbox_remains(&run_root.join(id));
@@ -38,6 +53,16 @@ mod tests {
         std::fs::write(bundle.join("address"), "unix:///nonexistent/sock").unwrap();
         cleanup("c1", &bundle, &run);
         assert!(!run.join("c1").exists());
+        // A dead shim's socket goes; a live shim's stays, with its sandbox.
+        let sock = d.path().join("shim.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        std::fs::write(bundle.join("address"), format!("unix://{}", sock.display())).unwrap();
+        std::fs::create_dir_all(run.join("c1")).unwrap();
+        cleanup("c1", &bundle, &run);
+        assert!(sock.exists() && run.join("c1").exists());
+        drop(listener);
+        cleanup("c1", &bundle, &run);
+        assert!(!sock.exists() && !run.join("c1").exists());
         cleanup("c1", &bundle, &run);
         // Ids husk would never have used are left alone.
         cleanup("../x", &bundle, &run);

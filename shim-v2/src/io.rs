@@ -12,8 +12,32 @@ use husk_runtime::Stdio;
 use crate::error::{Result, ShimError};
 
 /// Opens the stdio containerd asks for. `stdin`, `stdout`, `stderr` are
-/// FIFO paths, `file://` URIs (outputs only) or empty.
-pub fn open_stdio(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Result<Stdio> {
+/// FIFO paths, `file://` or `binary://` URIs (outputs only) or empty.
+/// A `binary://` logging program is told the process's container `id`
+/// and containerd `namespace`.
+pub fn open_stdio(
+    stdin: &str,
+    stdout: &str,
+    stderr: &str,
+    terminal: bool,
+    (id, namespace): (&str, &str),
+) -> Result<Stdio> {
+    if stdout.starts_with("binary://") {
+        let (out, err) = crate::binlog::start(stdout, id, namespace)?;
+        let stderr = if terminal {
+            None
+        } else if stderr == stdout {
+            Some(err)
+        } else {
+            open_output(stderr)?
+        };
+        return Ok(Stdio {
+            stdin: open_input(stdin)?,
+            stdout: Some(out),
+            stderr,
+            terminal,
+        });
+    }
     Ok(Stdio {
         stdin: open_input(stdin)?,
         stdout: open_output(stdout)?,
@@ -37,7 +61,10 @@ pub fn open_output(uri: &str) -> Result<Option<File>> {
         return Ok(Some(f));
     }
     if uri.starts_with("binary://") {
-        return Err(ShimError::Unsupported("binary:// log URIs"));
+        return Err(ShimError::InvalidArgument(format!(
+            "{uri:?}: a binary:// logging program takes both stdout and stderr; \
+             give it as the stdout URI"
+        )));
     }
     let path = Path::new(uri);
     let is_fifo = std::fs::metadata(path)
@@ -187,7 +214,7 @@ mod tests {
     }
 
     #[test]
-    fn file_uris_append_and_binary_uris_are_refused() {
+    fn file_uris_append_and_a_lone_binary_stderr_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("log");
         std::fs::write(&p, "a").unwrap();
@@ -197,8 +224,8 @@ mod tests {
         f.write_all(b"b").unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "ab");
         let e = open_output("binary:///usr/bin/logger").unwrap_err();
-        assert!(e.to_string().contains("not supported"), "{e}");
-        let s = open_stdio("", "", "", false).unwrap();
+        assert!(e.to_string().contains("stdout URI"), "{e}");
+        let s = open_stdio("", "", "", false, ("c", "n")).unwrap();
         assert!(s.stdin.is_none() && s.stdout.is_none() && s.stderr.is_none());
     }
 }

@@ -6,6 +6,7 @@
 //! [`shim::HuskShim`] for `start`/`delete` and [`service::TaskService`] for
 //! the Task API.
 
+pub mod binlog;
 pub mod cleanup;
 pub mod config;
 pub mod error;

@@ -23,11 +23,13 @@ use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{EnumOrUnknown, MessageField};
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult};
+use containerd_shim::{Context, ExitSignal};
 use husk_runtime::{Sandbox, Stdio};
 
 use crate::error::{Result, ShimError};
 use crate::owner::SandboxOwner;
+
+mod task;
 
 /// One process (a container's init, or an exec) as containerd sees it.
 #[derive(Debug)]
@@ -70,6 +72,8 @@ struct Inner {
     tasks: Mutex<HashMap<String, Container>>,
     exited: Condvar,
     exit: Arc<ExitSignal>,
+    /// This shim's listening socket (`unix://...`), removed on shutdown.
+    socket: String,
 }
 
 /// containerd's Task API for one husk sandbox.
@@ -96,11 +100,12 @@ fn not_found(id: &str, exec_id: &str) -> ShimError {
 
 impl TaskService {
     /// A service for sandbox `sandbox_id` in containerd namespace
-    /// `namespace`, publishing events through `publisher`; `exit` is
-    /// signalled by Shutdown.
+    /// `namespace`, publishing events through `publisher`, listening on
+    /// `socket`; `exit` is signalled by Shutdown.
     pub fn new(
         namespace: &str,
         sandbox_id: &str,
+        socket: &str,
         publisher: RemotePublisher,
         exit: Arc<ExitSignal>,
     ) -> Result<TaskService> {
@@ -119,6 +124,7 @@ impl TaskService {
                 tasks: Mutex::new(HashMap::new()),
                 exited: Condvar::new(),
                 exit,
+                socket: socket.to_string(),
             }),
         })
     }
@@ -281,8 +287,14 @@ impl Inner {
                 crate::rootfs::unmount(&bundle);
             }
         };
-        let stdio = crate::io::open_stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal)
-            .inspect_err(|_| undo())?;
+        let stdio = crate::io::open_stdio(
+            &req.stdin,
+            &req.stdout,
+            &req.stderr,
+            req.terminal,
+            (id, &self.namespace),
+        )
+        .inspect_err(|_| undo())?;
         let pid = self
             .with_sb(|sb| sb.create_container(id, &bundle, stdio))
             .inspect_err(|_| undo())?;
@@ -522,7 +534,13 @@ impl Inner {
                 )));
             }
         }
-        let stdio = crate::io::open_stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal)?;
+        let stdio = crate::io::open_stdio(
+            &req.stdin,
+            &req.stdout,
+            &req.stderr,
+            req.terminal,
+            (id, &self.namespace),
+        )?;
         let mut tasks = lock(&self.tasks);
         let c = tasks.get_mut(id).ok_or_else(|| not_found(id, ""))?;
         c.procs.insert(
@@ -628,171 +646,20 @@ impl Inner {
                     String::from_utf8_lossy(&console)
                 );
             }
-            if let Err(e) = sb.stop() {
-                log::warn!("stopping sandbox {}: {e}", self.sandbox_id);
+            let t0 = std::time::Instant::now();
+            match sb.stop() {
+                Ok(_) => log::info!(
+                    "sandbox {} stopped in {} ms",
+                    self.sandbox_id,
+                    t0.elapsed().as_millis()
+                ),
+                Err(e) => log::warn!("stopping sandbox {}: {e}", self.sandbox_id),
             }
         }
+        // The crate removes the socket only if the first container's
+        // bundle still has its `address` file; containerd may have removed
+        // that bundle already. Connections open now keep working.
+        crate::cleanup::remove_socket(Path::new(self.socket.trim_start_matches("unix://")));
         self.exit.signal();
-    }
-}
-
-fn reply<T>(r: Result<T>) -> TtrpcResult<T> {
-    r.map_err(|e| {
-        log::warn!("{e}");
-        e.into()
-    })
-}
-
-use containerd_shim::api::Empty;
-
-impl Task for TaskService {
-    fn state(&self, _: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
-        reply(self.inner.state(&req.id, &req.exec_id))
-    }
-
-    fn create(
-        &self,
-        _: &TtrpcContext,
-        req: api::CreateTaskRequest,
-    ) -> TtrpcResult<api::CreateTaskResponse> {
-        let pid = reply(self.inner.create(&req))?;
-        Ok(api::CreateTaskResponse {
-            pid,
-            ..Default::default()
-        })
-    }
-
-    fn start(&self, _: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
-        let pid = reply(self.inner.start(&req.id, &req.exec_id))?;
-        Ok(api::StartResponse {
-            pid,
-            ..Default::default()
-        })
-    }
-
-    fn delete(
-        &self,
-        _: &TtrpcContext,
-        req: api::DeleteRequest,
-    ) -> TtrpcResult<api::DeleteResponse> {
-        reply(self.inner.delete(&req.id, &req.exec_id))
-    }
-
-    fn pids(&self, _: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
-        let pids = reply(self.inner.with_sb(|sb| sb.container_pids(&req.id)))?;
-        Ok(api::PidsResponse {
-            processes: pids
-                .into_iter()
-                .map(|p| containerd_shim::protos::types::task::ProcessInfo {
-                    pid: u32::try_from(p).unwrap_or(0),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
-    }
-
-    fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<Empty> {
-        reply(self.inner.set_paused(&req.id, true)).map(|()| Empty::new())
-    }
-
-    fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<Empty> {
-        reply(self.inner.set_paused(&req.id, false)).map(|()| Empty::new())
-    }
-
-    fn checkpoint(&self, _: &TtrpcContext, _: api::CheckpointTaskRequest) -> TtrpcResult<Empty> {
-        reply(Err(ShimError::Unsupported("checkpoint")))
-    }
-
-    fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
-        let status = reply(self.inner.with_proc(&req.id, &req.exec_id, |p| p.status))?;
-        if status == Status::STOPPED {
-            return reply(Err(ShimError::NotFound(format!(
-                "process {}/{} already finished",
-                req.id, req.exec_id
-            ))));
-        }
-        reply(
-            self.inner
-                .with_sb(|sb| sb.kill(&req.id, &req.exec_id, req.signal, req.all)),
-        )?;
-        if req.signal == 9 {
-            // A killed process reads no more input; and husk reports an
-            // exit only once the process's stdin stream has ended.
-            let _ = self
-                .inner
-                .with_sb(|sb| sb.close_stdin(&req.id, &req.exec_id));
-        }
-        Ok(Empty::new())
-    }
-
-    fn exec(&self, _: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<Empty> {
-        reply(self.inner.exec(&req)).map(|()| Empty::new())
-    }
-
-    fn resize_pty(&self, _: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<Empty> {
-        reply(
-            self.inner
-                .with_sb(|sb| sb.resize(&req.id, &req.exec_id, req.height, req.width)),
-        )
-        .map(|()| Empty::new())
-    }
-
-    fn close_io(&self, _: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<Empty> {
-        if req.stdin {
-            reply(
-                self.inner
-                    .with_sb(|sb| sb.close_stdin(&req.id, &req.exec_id)),
-            )?;
-        }
-        Ok(Empty::new())
-    }
-
-    fn update(&self, _: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<Empty> {
-        let resources: oci_spec::runtime::LinuxResources = reply(
-            serde_json::from_slice(&req.resources.value)
-                .map_err(|e| ShimError::InvalidArgument(format!("update resources: {e}"))),
-        )?;
-        reply(
-            self.inner
-                .with_sb(|sb| sb.update_container(&req.id, &resources)),
-        )
-        .map(|()| Empty::new())
-    }
-
-    fn wait(&self, _: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        let (code, at) = reply(self.inner.wait(&req.id, &req.exec_id))?;
-        Ok(api::WaitResponse {
-            exit_status: code,
-            exited_at: MessageField::some(at),
-            ..Default::default()
-        })
-    }
-
-    fn stats(&self, _: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
-        let stats = reply(self.inner.stats(&req.id))?;
-        Ok(api::StatsResponse {
-            stats: MessageField::some(stats),
-            ..Default::default()
-        })
-    }
-
-    fn connect(
-        &self,
-        _: &TtrpcContext,
-        req: api::ConnectRequest,
-    ) -> TtrpcResult<api::ConnectResponse> {
-        let task_pid = self.inner.with_proc(&req.id, "", |p| p.pid).unwrap_or(0);
-        Ok(api::ConnectResponse {
-            shim_pid: std::process::id(),
-            task_pid,
-            version: env!("CARGO_PKG_VERSION").into(),
-            ..Default::default()
-        })
-    }
-
-    fn shutdown(&self, _: &TtrpcContext, _: api::ShutdownRequest) -> TtrpcResult<Empty> {
-        self.inner.shutdown();
-        Ok(Empty::new())
     }
 }

@@ -17,6 +17,7 @@ pub struct HuskShim {
     namespace: String,
     id: String,
     bundle: String,
+    socket: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -85,6 +86,7 @@ impl containerd_shim::Shim for HuskShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             bundle: args.bundle.clone(),
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -115,7 +117,13 @@ impl containerd_shim::Shim for HuskShim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        match TaskService::new(&self.namespace, &self.id, publisher, Arc::clone(&self.exit)) {
+        match TaskService::new(
+            &self.namespace,
+            &self.id,
+            &self.socket,
+            publisher,
+            Arc::clone(&self.exit),
+        ) {
             Ok(s) => s,
             Err(e) => {
                 log::error!("starting the task service: {e}");

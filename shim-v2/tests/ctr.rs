@@ -237,6 +237,37 @@ fn ctr_events_show_the_task_events_and_oom() {
         "one OOM kill, one event: {:?}",
         events.topics_of("oom1")
     );
+    // A child OOM-killed while the container lives on: the event comes
+    // from the agent's watcher, and the later SIGKILL exit adds none.
+    let out = cd.ctr(&cd.run_args(
+        &["-d", "--memory-limit", "33554432"],
+        "oom2",
+        &["sh", "-c", "tail /dev/zero; sleep 1000"],
+    ));
+    assert!(out.status.success(), "ctr run -d oom2: {out:?}");
+    events
+        .wait_for("oom2", "/tasks/oom", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", cd.log()));
+    assert_eq!(cd.task_status("oom2"), "RUNNING");
+    assert!(cd
+        .ctr(&["task", "kill", "-s", "9", "oom2"])
+        .status
+        .success());
+    cd.wait_for_task("oom2", Duration::from_secs(30), |s| s == "STOPPED")
+        .unwrap_or_else(|s| panic!("oom2 is {s} after SIGKILL"));
+    assert!(cd.ctr(&["task", "rm", "oom2"]).status.success());
+    assert!(cd.ctr(&["containers", "rm", "oom2"]).status.success());
+    assert_in_order(
+        &events,
+        "oom2",
+        &["/tasks/oom", "/tasks/exit", "/tasks/delete"],
+    );
+    let ooms = events
+        .topics_of("oom2")
+        .iter()
+        .filter(|t| *t == "/tasks/oom")
+        .count();
+    assert_eq!(ooms, 1, "{:?}", events.topics_of("oom2"));
     // A container that ends normally has no OOM event.
     assert!(!events.topics_of("ev1").iter().any(|t| t == "/tasks/oom"));
 
@@ -317,6 +348,14 @@ fn ctr_containers_of_one_sandbox_share_a_vm() {
         .unwrap_or_else(|s| panic!("pod1 is {s} after SIGKILL"));
     assert!(cd.ctr(&["task", "rm", "pod1"]).status.success());
     assert!(cd.ctr(&["containers", "rm", "pod1"]).status.success());
+    let left = cd.wait_for_no_processes();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    // No shim socket is left: the pod's shim removes its own on Shutdown
+    // (not only through its first bundle's `address` file).
+    for id in ["pod1", "alone"] {
+        let sock = common::shim_socket(&cd, id);
+        assert!(!sock.exists(), "{sock:?} left");
+    }
     finish(cd);
 }
 
@@ -436,5 +475,50 @@ fn ctr_config_file_and_pod_sizing() {
     // debug_console: the guest console reached containerd's log.
     let log = cd.log();
     assert!(log.contains("guest console of sandbox cfg1"), "{log}");
+    finish(cd);
+}
+
+#[test]
+fn ctr_run_with_a_binary_log_uri() {
+    skip_unless_tools!("ctr_run_with_a_binary_log_uri");
+    let cd = containerd_with_busybox();
+    let logs = cd.dir().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let logger = cd.dir().join("logger.sh");
+    std::fs::write(
+        &logger,
+        "#!/bin/sh\n\
+         exec 5>&-\n\
+         cat <&3 >\"$2/out\" & cat <&4 >\"$2/err\" &\n\
+         exec 3<&- 4<&-\n\
+         wait\n\
+         echo \"$CONTAINER_NAMESPACE/$CONTAINER_ID\" >\"$2/env\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let uri = format!("binary://{}?dir={}", logger.display(), logs.display());
+    let (code, out, err) = cd.with_stdin(
+        &cd.run_args(
+            &["--rm", "--log-uri", &uri],
+            "log1",
+            &["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3"],
+        ),
+        b"",
+    );
+    assert_eq!(code, 3, "stdout: {out}\nstderr: {err}\n{}", cd.log());
+    let env = logs.join("env");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the logging program did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let read = |n: &str| std::fs::read_to_string(logs.join(n)).unwrap();
+    assert_eq!(read("out"), "to-stdout\n");
+    assert_eq!(read("err"), "to-stderr\n");
+    assert_eq!(read("env"), "husk-test/log1\n");
     finish(cd);
 }

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use husk_tests::containerd::{skip_reason, Containerd, NS};
+use husk_tests::containerd::{skip_reason, Containerd};
 use husk_tests::mounts_under;
 
 mod common;
@@ -21,13 +21,6 @@ fn cycles() -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(50)
-}
-
-/// The shim socket containerd-shim derives for container `id` (each
-/// `--rm` container here is its own sandbox).
-fn shim_socket(cd: &Containerd, id: &str) -> std::path::PathBuf {
-    let addr = containerd_shim::socket_address(&cd.address().display().to_string(), NS, id);
-    addr.trim_start_matches("unix://").into()
 }
 
 #[test]
@@ -86,7 +79,7 @@ fn ctr_run_rm_cycles_leave_nothing_behind() {
     assert!(mounts.is_empty(), "mounts left: {mounts:?}");
     let sockets: Vec<_> = std::iter::once("warm".to_string())
         .chain((0..n).map(|i| format!("cyc{i}")))
-        .map(|id| shim_socket(&cd, &id))
+        .map(|id| common::shim_socket(&cd, &id))
         .filter(|p| p.exists())
         .collect();
     assert!(sockets.is_empty(), "shim sockets left: {sockets:?}");

@@ -1,6 +1,6 @@
 //! The private containerd the shim's end-to-end tests share.
 
-use husk_tests::containerd::Containerd;
+use husk_tests::containerd::{Containerd, NS};
 use husk_tests::{busybox_layout, e2e_config, target_dir};
 
 /// The runtime name `ctr run --runtime` asks for.
@@ -37,4 +37,12 @@ pub fn containerd_with_busybox() -> Containerd {
         .start();
     cd.import_busybox(&layout);
     cd
+}
+
+/// The socket of the shim serving sandbox (grouping) `id`, as
+/// containerd-shim derives it from containerd's address and namespace.
+#[allow(dead_code)] // not every test binary uses it
+pub fn shim_socket(cd: &Containerd, id: &str) -> std::path::PathBuf {
+    let addr = containerd_shim::socket_address(&cd.address().display().to_string(), NS, id);
+    addr.trim_start_matches("unix://").into()
 }
