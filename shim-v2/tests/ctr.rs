@@ -140,6 +140,9 @@ fn ctr_run_rm_output_and_exit_codes() {
     }
     let _ = cd.ctr(&["task", "rm", "k1"]);
     assert!(cd.ctr(&["containers", "rm", "k1"]).status.success());
+    // containerd's `delete` of the dead shim removed its socket too.
+    let sock = common::shim_socket(&cd, "k1");
+    assert!(!sock.exists(), "the killed shim's socket {sock:?} is left");
 
     let left = cd.wait_for_no_processes();
     assert!(left.is_empty(), "processes left behind: {left:?}");
