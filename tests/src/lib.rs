@@ -302,7 +302,18 @@ impl Pod {
             panic!("creating {id}: {e}\nguest console:\n{console}\nstderr:\n{err}");
         }
         self.sb().start_container(id).unwrap();
-        let status = self.sb().wait(id, "").unwrap();
+        let status = self.sb().wait(id, "").unwrap_or_else(|e| {
+            // Say why the agent went away: the vsock backend's and the
+            // guest's last words.
+            let log =
+                |n: &str| std::fs::read_to_string(self.sb().dir().join(n)).unwrap_or_default();
+            panic!(
+                "waiting for {id}: {e}\nvsock.log:\n{}\nqemu.log:\n{}\nguest console:\n{}",
+                log("vsock.log"),
+                log("qemu.log"),
+                husk_runtime::sandbox::console_excerpt(&self.sb().dir().join("console.log"))
+            )
+        });
         self.sb().delete_container(id).unwrap();
         (
             status,
