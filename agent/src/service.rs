@@ -243,6 +243,16 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    fn remove_process(
+        &self,
+        _ctx: &ttrpc::TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .remove_exec(&req.container_id, &req.exec_id)?;
+        Ok(Empty::new())
+    }
+
     fn close_stdin(&self, _ctx: &ttrpc::TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
         self.containers
             .process(&req.container_id, &req.exec_id)?

@@ -281,6 +281,17 @@ impl AgentClient {
         })
     }
 
+    /// Forgets an exited exec'd process (its id may be reused).
+    pub fn remove_process(&self, id: &str, exec_id: &str) -> Result<()> {
+        let res = self
+            .agent
+            .remove_process(ctx(RPC_TIMEOUT), &process_req(id, exec_id));
+        res.map(drop).map_err(|source| Error::Agent {
+            request: "RemoveProcess",
+            source,
+        })
+    }
+
     /// Guest pids of a container's processes.
     pub fn list_processes(&self, id: &str) -> Result<Vec<i32>> {
         let res = self

@@ -156,6 +156,17 @@ impl Sandbox {
         Ok(status)
     }
 
+    /// Forgets an exec'd process that has exited, so its id can be used
+    /// again and the agent keeps nothing of it.
+    pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<()> {
+        self.known(id)?;
+        self.agent().remove_process(id, exec_id)?;
+        if let Some(c) = self.containers().get_mut(id) {
+            c.copies.remove(exec_id);
+        }
+        Ok(())
+    }
+
     /// Closes a process's stdin (EOF).
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
         self.known(id)?;

@@ -485,8 +485,14 @@ impl Inner {
                 id: id.to_string(),
                 ..Default::default()
             });
-        } else if let Some(c) = lock(&self.tasks).get_mut(id) {
-            c.procs.remove(exec_id);
+        } else {
+            // The agent forgets it too (a dead VM has nothing to forget).
+            if let Err(e) = self.with_sb(|sb| sb.remove_exec(id, exec_id)) {
+                log::warn!("forgetting exec {id}/{exec_id}: {e}");
+            }
+            if let Some(c) = lock(&self.tasks).get_mut(id) {
+                c.procs.remove(exec_id);
+            }
         }
         Ok(api::DeleteResponse {
             pid,

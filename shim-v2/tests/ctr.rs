@@ -109,6 +109,10 @@ fn ctr_run_rm_output_and_exit_codes() {
     let (code, out, err) = exec("e1", &["echo", "hi"]);
     assert_eq!((code, out.as_str()), (0, "hi\n"), "exec: {err}");
     assert_eq!(exec("e2", &["sh", "-c", "exit 5"]).0, 5);
+    // ctr deletes an exec once it ends: the agent forgets it, so the same
+    // exec id works again (Kubernetes exec probes rely on ids not piling up).
+    let (code, out, err) = exec("e1", &["echo", "again"]);
+    assert_eq!((code, out.as_str()), (0, "again\n"), "exec e1 again: {err}");
     assert!(cd.ctr(&["task", "pause", "d1"]).status.success());
     assert_eq!(cd.task_status("d1"), "PAUSED");
     assert!(cd.ctr(&["task", "resume", "d1"]).status.success());

@@ -72,6 +72,20 @@ fn run_exit_codes_signals_exec_and_namespaces() {
         exec("e1", &["echo", "from-exec"]),
         (0, "from-exec\n".into())
     );
+    // A finished exec can be forgotten; its id is then free again. A
+    // running one cannot be.
+    assert!(sb
+        .exec(
+            "long",
+            "e1",
+            &oci_spec::runtime::Process::default(),
+            Stdio::default()
+        )
+        .is_err());
+    sb.remove_exec("long", "e1").unwrap();
+    assert_eq!(exec("e1", &["echo", "again"]), (0, "again\n".into()));
+    sb.remove_exec("long", "e1").unwrap();
+    assert!(sb.remove_exec("long", "e1").is_err(), "forgotten twice");
     let (_, long_pidns) = exec("e2", &["readlink", "/proc/self/ns/pid"]);
     let (_, long_netns) = exec("e3", &["readlink", "/proc/self/ns/net"]);
     assert!(!sb.container_pids("long").unwrap().is_empty());
@@ -91,6 +105,10 @@ fn run_exit_codes_signals_exec_and_namespaces() {
         },
     )
     .unwrap();
+    assert!(
+        sb.remove_exec("long", "term").is_err(),
+        "a running exec cannot be forgotten"
+    );
     sb.kill("long", "term", 15, false).unwrap();
     assert_eq!(sb.wait("long", "term").unwrap(), 143);
 

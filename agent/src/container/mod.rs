@@ -415,6 +415,28 @@ impl Manager {
         Ok(exits().wait(p.pid))
     }
 
+    /// Forgets an exec'd process that has exited (its id may be reused).
+    pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<()> {
+        if exec_id.is_empty() {
+            return Err(ContainerError::InvalidArgument(
+                "RemoveProcess takes an exec id; remove the container to forget its init".into(),
+            ));
+        }
+        let c = self.get(id)?;
+        let mut execs = c.execs.lock().unwrap_or_else(|p| p.into_inner());
+        let p = execs.get(exec_id).cloned().ok_or_else(|| {
+            ContainerError::NotFound(format!("no exec {exec_id:?} in container {id:?}"))
+        })?;
+        if exits().get(p.pid).is_none() {
+            return Err(ContainerError::FailedPrecondition(format!(
+                "exec {exec_id:?} of {id:?} is still running: kill it first"
+            )));
+        }
+        execs.remove(exec_id);
+        exits().forget(p.pid);
+        Ok(())
+    }
+
     /// Removes a container whose init has exited.
     pub fn remove(&self, id: &str) -> Result<()> {
         let c = self.get(id)?;

@@ -295,6 +295,9 @@ fn relay_exec(
         .wait_process(id, &exec_id)
         .map_err(|e| anyhow!("waiting for the exec process: {e}"))?;
     copies.wait_outputs(std::time::Duration::from_secs(10));
-    drop(agent);
+    // The agent keeps nothing of a finished exec.
+    if let Err(e) = agent.remove_process(id, &exec_id) {
+        tracing::debug!("forgetting exec {exec_id}: {e}");
+    }
     Ok(status)
 }
