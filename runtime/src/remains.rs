@@ -40,6 +40,12 @@ pub fn remove_sandbox_remains(dir: &Path) {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+    // A killed QEMU takes a moment to tear down its guest memory: wait
+    // (bounded) until none is left, so callers find nothing behind.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !processes_mentioning(&needle).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let mut mounts = crate::shared_fs::mounts_under(dir);
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for m in mounts {

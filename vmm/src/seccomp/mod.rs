@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule};
 
-pub use rules::{vmm_rules, vsock_rules};
+pub use rules::{vmm_rules, vsock_rules, DENIED_OPENS};
 
 /// Exit status of a process killed by its seccomp filter (see [`sigsys`]).
 pub const EXIT_SECCOMP_VIOLATION: i32 = 5;
@@ -113,7 +113,15 @@ fn compile(
 impl Jail {
     /// The filters of `binary`.
     pub fn new(binary: Binary) -> Result<Jail, SeccompError> {
-        let mut filters = Vec::new();
+        // Stacked filters: the most restrictive answer wins, so calls the
+        // allowlist lets through are answered by the errno filters. Those go
+        // first, so installing the allowlist needs no `seccomp` in it.
+        let opens = DENIED_OPENS.iter().map(|nr| (*nr, vec![])).collect();
+        let mut filters = vec![compile(
+            opens,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+        )?];
         match binary {
             Binary::Vmm => filters.push(compile(
                 vmm_rules(),
@@ -121,9 +129,8 @@ impl Jail {
                 SeccompAction::Allow,
             )?),
             Binary::Vsock => {
-                // Stacked: `clone3` fails with ENOSYS (the allowlist lets it through so that
-                // this filter's answer is the one that counts). Installed first, so that
-                // installing the allowlist needs no `prctl`/`seccomp` in the allowlist.
+                // `clone3` fails with ENOSYS (glibc then uses `clone`, which the
+                // allowlist restricts to threads).
                 let clone3 = [(libc::SYS_clone3, vec![])].into_iter().collect();
                 filters.push(compile(
                     clone3,
@@ -193,10 +200,12 @@ mod tests {
     #[test]
     fn filters_compile_and_levels_parse() {
         let vmm = Jail::new(Binary::Vmm).unwrap();
-        assert_eq!(vmm.filters().len(), 1);
-        assert!(vmm.filters()[0].len() > 50);
+        // The EACCES filter for opens, then the allowlist.
+        assert_eq!(vmm.filters().len(), 2);
+        assert!(vmm.filters()[1].len() > 50);
         let vsock = Jail::new(Binary::Vsock).unwrap();
-        assert_eq!(vsock.filters().len(), 2);
+        // Opens, clone3 (ENOSYS), the allowlist.
+        assert_eq!(vsock.filters().len(), 3);
         assert_eq!("off".parse::<SeccompLevel>(), Ok(SeccompLevel::Off));
         assert_eq!("default".parse::<SeccompLevel>(), Ok(SeccompLevel::Default));
         assert!("strict".parse::<SeccompLevel>().is_err());
