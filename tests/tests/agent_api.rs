@@ -6,23 +6,38 @@ use std::time::{Duration, Instant};
 
 use husk_runtime::agent_client::AgentClient;
 
+/// The agent process, killed and reaped if a failed assertion leaves it
+/// running (a leaked agent also holds the test's output pipes open).
+struct AgentProcess(std::process::Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn agent_serves_health_version_and_shutdown_over_ttrpc() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("agent.sock");
     let addr = format!("unix://{}", sock.display());
-    let mut agent = Command::new(husk_tests::bin("husk-agent"))
-        .args(["--listen", &addr, "--log", "warn"])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = AgentProcess(
+        Command::new(husk_tests::bin("husk-agent"))
+            .args(["--listen", &addr, "--log", "warn"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
         assert!(
             Instant::now() < deadline,
             "agent did not listen on {sock:?}"
         );
-        assert!(agent.try_wait().unwrap().is_none(), "agent exited early");
+        assert!(agent.0.try_wait().unwrap().is_none(), "agent exited early");
         std::thread::sleep(Duration::from_millis(5));
     }
     let c = AgentClient::connect_addr(&addr).unwrap();
@@ -35,7 +50,7 @@ fn agent_serves_health_version_and_shutdown_over_ttrpc() {
     c.shutdown(Duration::from_secs(5)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(s) = agent.try_wait().unwrap() {
+        if let Some(s) = agent.0.try_wait().unwrap() {
             break s;
         }
         assert!(

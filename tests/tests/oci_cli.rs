@@ -109,6 +109,20 @@ fn skip() -> bool {
     qemu_or_skip("oci_cli").is_none()
 }
 
+/// A temp dir and husk with its state in it; None (after a printed SKIP)
+/// without QEMU. With `subreaper`, orphaned husk pids become ours to wait.
+fn husk_in_tempdir(subreaper: bool) -> Option<(tempfile::TempDir, Runtime)> {
+    if skip() {
+        return None;
+    }
+    if subreaper {
+        become_subreaper();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::husk(dir.path());
+    Some((dir, rt))
+}
+
 /// Orphaned monitors (their `husk create` exited) become our children, so
 /// the test can wait for their exit status as conmon and containerd do.
 fn become_subreaper() {
@@ -244,12 +258,9 @@ fn husk_matches_runc_state_list_ps_and_exit_codes() {
 
 #[test]
 fn husk_pid_relays_stdio_and_exit_status() {
-    if skip() {
+    let Some((dir, rt)) = husk_in_tempdir(true) else {
         return;
-    }
-    become_subreaper();
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::husk(dir.path());
+    };
     let script = "echo out; echo err >&2; read x; echo got $x; exit 3";
     let bundle = busybox_bundle(dir.path(), "b", &["sh", "-c", script], false, |_| {});
     std::fs::write(dir.path().join("in"), "line\n").unwrap();
@@ -309,12 +320,9 @@ fn receive_fd(listener: &std::os::unix::net::UnixListener) -> OwnedFd {
 
 #[test]
 fn husk_console_socket_gets_a_pty_and_exec_relays_status() {
-    if skip() {
+    let Some((dir, rt)) = husk_in_tempdir(true) else {
         return;
-    }
-    become_subreaper();
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::husk(dir.path());
+    };
     let args = ["sh", "-c", "tty; echo ready; sleep 1000"];
     let bundle = busybox_bundle(dir.path(), "b", &args, true, |_| {});
     let sock = dir.path().join("console.sock");
@@ -411,12 +419,9 @@ fn husk_console_socket_gets_a_pty_and_exec_relays_status() {
 
 #[test]
 fn husk_cleans_up_after_its_monitor_is_killed() {
-    if skip() {
+    let Some((dir, rt)) = husk_in_tempdir(true) else {
         return;
-    }
-    become_subreaper();
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::husk(dir.path());
+    };
     let bundle = busybox_bundle(dir.path(), "b", &["sleep", "1000"], false, |_| {});
     let pid = rt.create(dir.path(), &bundle, "crash1", &[]);
     assert!(rt.run(&["start", "crash1"]).status.success());
@@ -434,11 +439,9 @@ fn husk_cleans_up_after_its_monitor_is_killed() {
 
 #[test]
 fn husk_bad_input_fails_with_exit_1_and_leaves_nothing() {
-    if skip() {
+    let Some((dir, rt)) = husk_in_tempdir(false) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::husk(dir.path());
+    };
     // No config.json.
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
@@ -473,11 +476,9 @@ fn husk_bad_input_fails_with_exit_1_and_leaves_nothing() {
 
 #[test]
 fn husk_run_in_the_foreground_relays_and_removes_the_container() {
-    if skip() {
+    let Some((dir, rt)) = husk_in_tempdir(false) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::husk(dir.path());
+    };
     let bundle = busybox_bundle(
         dir.path(),
         "b",
@@ -519,11 +520,9 @@ fn husk_run_in_the_foreground_relays_and_removes_the_container() {
 
 #[test]
 fn husk_pause_resume_update_events_features_and_spec() {
-    if skip() {
+    let Some((dir, rt)) = husk_in_tempdir(false) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::husk(dir.path());
+    };
     for args in [
         &["resume", "nope"][..],
         &["exec", "nope", "true"],
@@ -610,12 +609,9 @@ fn husk_pause_resume_update_events_features_and_spec() {
 
 #[test]
 fn signals_sent_to_the_husk_pid_reach_the_container() {
-    if skip() {
+    let Some((dir, rt)) = husk_in_tempdir(true) else {
         return;
-    }
-    become_subreaper();
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::husk(dir.path());
+    };
     let script = "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done";
     let bundle = busybox_bundle(dir.path(), "b", &["sh", "-c", script], false, |_| {});
     let pid = rt.create(dir.path(), &bundle, "sig1", &[]);
@@ -643,12 +639,9 @@ fn signals_sent_to_the_husk_pid_reach_the_container() {
 
 #[test]
 fn delete_force_cleans_up_after_create_is_killed_midway() {
-    if skip() {
+    let Some((dir, rt)) = husk_in_tempdir(true) else {
         return;
-    }
-    become_subreaper();
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::husk(dir.path());
+    };
     let bundle = busybox_bundle(dir.path(), "b", &["sleep", "1000"], false, |_| {});
     let mut create = rt
         .cmd(&["create", "-b", bundle.to_str().unwrap(), "half1"])
