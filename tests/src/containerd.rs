@@ -342,18 +342,7 @@ impl Containerd {
     /// gives it one, as ctr's `-t` needs), under `timeout 150`. Its
     /// output is the terminal's.
     pub fn in_pty(&self, args: &[&str]) -> Output {
-        let ctr = self.ctr_cmd(args);
-        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-        let line = std::iter::once(ctr.get_program())
-            .chain(ctr.get_args())
-            .map(|a| quote(a.to_str().unwrap()))
-            .collect::<Vec<_>>()
-            .join(" ");
-        Command::new("timeout")
-            .args(["150", "script", "-qec", &line, "/dev/null"])
-            .stdin(Stdio::null())
-            .output()
-            .expect("running script (util-linux)")
+        crate::pty::run_in_pty(&crate::pty::command_line(&self.ctr_cmd(args)), 150)
     }
 
     /// Runs ctr for a process that echoes its stdin (`cat`): writes

@@ -19,6 +19,7 @@ use husk_runtime::{Sandbox, Stdio};
 
 pub mod containerd;
 pub mod podman;
+pub mod pty;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

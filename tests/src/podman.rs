@@ -21,9 +21,8 @@
 //! `pull`) are shared by every podman whatever its `--root`.
 
 use std::cell::RefCell;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use husk_runtime::host::which;
 
+use crate::pty::sh_quote;
 use crate::{
     alive, assert_nothing_left, bin, busybox_layout, e2e_config, mounts_under, processes_mentioning,
 };
@@ -51,7 +51,7 @@ pub const RUN_FLAGS: &[&str] = &[
 ];
 
 /// Seconds any one podman command may take (`timeout(1)`).
-const PODMAN_TIMEOUT: &str = "120";
+const PODMAN_TIMEOUT: u32 = 120;
 
 /// An OCI runtime for podman to drive: the binary, global arguments put
 /// before podman's, and environment the wrapper exports.
@@ -111,12 +111,6 @@ pub fn podman_or_skip(test: &str) -> bool {
         return false;
     }
     true
-}
-
-/// `s` quoted for sh.
-fn sh_quote(s: &OsStr) -> String {
-    let s = String::from_utf8_lossy(s.as_bytes());
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// A podman with a private store, driving one OCI runtime; removes its
@@ -218,7 +212,9 @@ impl Podman {
     /// `timeout 120 podman <global flags>`, arguments to add.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new("timeout");
-        c.arg(PODMAN_TIMEOUT).arg("podman").args(self.global_args());
+        c.arg(PODMAN_TIMEOUT.to_string())
+            .arg("podman")
+            .args(self.global_args());
         c
     }
 
@@ -301,20 +297,8 @@ impl Podman {
         let mut words: Vec<OsString> = vec!["podman".into()];
         words.extend(self.global_args());
         words.extend(args.iter().map(OsString::from));
-        let line: Vec<String> = words.iter().map(|w| sh_quote(w)).collect();
-        let line = line.join(" ");
-        let mut child = Command::new("timeout")
-            .arg(PODMAN_TIMEOUT)
-            .args(["script", "-qec", &line, "/dev/null"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("running script (util-linux)");
-        // Held open until the end: at EOF on its stdin, script types a NUL
-        // into the terminal (the container's tty echoes `^@`).
-        let input = child.stdin.take();
-        let out = child.wait_with_output().unwrap();
-        drop(input);
+        let line: Vec<String> = words.iter().map(sh_quote).collect();
+        let out = crate::pty::run_in_pty(&line.join(" "), PODMAN_TIMEOUT);
         let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
         (out.status.code().unwrap_or(-1), text)
     }

@@ -398,11 +398,7 @@ fn husk_console_socket_gets_a_pty_and_exec_relays_status() {
         rt.bin.display(),
         rt.root.display()
     );
-    let o = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .stdin(Stdio::piped())
-        .output()
-        .unwrap();
+    let o = husk_tests::pty::run_in_pty(&line, 120);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{o:?}");
     assert!(

@@ -37,12 +37,12 @@
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use husk_runtime::host::which;
 use husk_tests::containerd::{skip_reason, Containerd, NS};
+use husk_tests::pty::{command_line, run_in_pty, sh_quote};
 use husk_tests::{assert_nothing_left, bin, busybox_layout, e2e_config, processes_mentioning};
 
 const RUNC_SHIM: &str = "io.containerd.runc.v2";
@@ -209,25 +209,12 @@ fn tty(runtime: &Path) {
         &rig.id("tty"),
         &["sh", "-c", "tty; exit 4"],
     ));
-    let line = std::iter::once(ctr.get_program())
-        .chain(ctr.get_args())
-        .map(|a| shell_quote(a.to_str().unwrap()))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let out = Command::new("timeout")
-        .args(["150", "script", "-qec", &line, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("running script (util-linux)");
+    let out = run_in_pty(&command_line(&ctr), 150);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(4), "script: {out:?}");
     assert!(text.contains("/dev/pts/"), "tty printed: {text:?}");
 
     rig.finish();
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 fn runc() -> PathBuf {
@@ -254,7 +241,7 @@ fn with_husk(scenario: fn(&Path)) {
     let cfg = e2e_config(&run);
     let calls = dir.path().join("calls.log");
     let wrapper = dir.path().join("husk-runtime");
-    let q = |p: &Path| shell_quote(p.to_str().unwrap());
+    let q = |p: &Path| sh_quote(p.to_str().unwrap());
     std::fs::write(
         &wrapper,
         format!(
@@ -320,8 +307,8 @@ fn runc_shim_with_runc_records_runtime_calls() {
         &wrapper,
         format!(
             "#!/bin/sh\nprintf '%s\\t' \"$PWD\" \"$@\" >> {log}\necho >> {log}\nexec {runc} \"$@\"\n",
-            log = shell_quote(log.to_str().unwrap()),
-            runc = shell_quote(runc().to_str().unwrap()),
+            log = sh_quote(log.to_str().unwrap()),
+            runc = sh_quote(runc().to_str().unwrap()),
         ),
     )
     .unwrap();
