@@ -6,7 +6,7 @@
 //! | `state` | `{"ok":true,"state":"created"\|"running"}` |
 //! | `start` | starts the vCPUs of a VM built with `wait_for_start`; `{"ok":true,"state":"running"}` |
 //! | `shutdown` | `{"ok":true,"state":"stopping"}`, then the VM is torn down and husk-vmm exits 0 |
-//! | `stats` | the state plus `"virtio"`: per virtio-mmio device `base`, `device_id`, `queues`, `ioeventfd_queues` (queues whose notifications KVM signals on an ioeventfd), `notify_ioeventfd` and `notify_exit` (notifications that arrived each way) |
+//! | `stats` | the state plus `"virtio"`: per virtio-mmio device `base`, `device_id`, `queues`, `ioeventfd_queues` (queues whose notifications KVM signals on an ioeventfd), `notify_ioeventfd` and `notify_exit` (notifications that arrived each way), `status` (the device status register the driver wrote) and `activated` (the driver set DRIVER_OK and the device runs) |
 //!
 //! A request may also be a JSON object `{"action":"state"}`. Anything else gets
 //! `{"ok":false,"error":"..."}`. Lines longer than [`MAX_LINE`] end the connection.

@@ -422,6 +422,8 @@ impl Vmm {
                     "ioeventfd_queues": s.ioeventfd_queues,
                     "notify_ioeventfd": s.via_ioeventfd,
                     "notify_exit": s.via_exit,
+                    "status": t.status(),
+                    "activated": t.is_activated(),
                 })
             })
             .collect();

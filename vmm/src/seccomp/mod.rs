@@ -14,7 +14,8 @@
 //!   filter cannot read; glibc then falls back to `clone`.
 //!
 //! Arguments are checked where that narrows something real: `ioctl` requests (`KVM_RUN`, the two
-//! register reads of the emulation-failure report, `FIONBIO`), `socket` domains (`AF_UNIX`),
+//! register reads of the emulation-failure report, the register and event calls that complete an
+//! unemulated `int3`, `FIONBIO`), `socket` domains (`AF_UNIX`),
 //! `mmap`/`mprotect` without `PROT_EXEC`, `fcntl` commands, `tgkill` signals.
 //!
 //! A call outside the list does not run: the kernel sends SIGSYS (`SECCOMP_RET_TRAP`), and the

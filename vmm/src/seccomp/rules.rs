@@ -5,9 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
 use seccompiler::{SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition, SeccompRule};
-use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ};
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
@@ -35,6 +35,36 @@ pub fn kvm_get_sregs() -> u64 {
         KVMIO,
         0x83,
         std::mem::size_of::<kvm_sregs>() as u32,
+    )
+}
+
+/// `KVM_SET_REGS` (completing an `int3` the emulator could not run).
+pub fn kvm_set_regs() -> u64 {
+    ioctl_expr(
+        _IOC_WRITE,
+        KVMIO,
+        0x82,
+        std::mem::size_of::<kvm_regs>() as u32,
+    )
+}
+
+/// `KVM_GET_VCPU_EVENTS`.
+pub fn kvm_get_vcpu_events() -> u64 {
+    ioctl_expr(
+        _IOC_READ,
+        KVMIO,
+        0x9f,
+        std::mem::size_of::<kvm_vcpu_events>() as u32,
+    )
+}
+
+/// `KVM_SET_VCPU_EVENTS` (injecting the #BP of that `int3`).
+pub fn kvm_set_vcpu_events() -> u64 {
+    ioctl_expr(
+        _IOC_WRITE,
+        KVMIO,
+        0xa0,
+        std::mem::size_of::<kvm_vcpu_events>() as u32,
     )
 }
 
@@ -167,7 +197,8 @@ fn common() -> Rules {
     r
 }
 
-/// husk-vmm: vCPU threads (`KVM_RUN`, the register reads of an emulation-failure report,
+/// husk-vmm: vCPU threads (`KVM_RUN`, the register reads of an emulation-failure report, the
+/// register and event writes that complete an unemulated `int3`,
 /// device work on MMIO exits), the event loop (eventfds, signalfd, vsock muxer, API socket,
 /// kicking vCPUs with SIGRTMIN), and teardown.
 pub fn vmm_rules() -> Rules {
@@ -176,7 +207,15 @@ pub fn vmm_rules() -> Rules {
         libc::SYS_ioctl,
         arg_in(
             1,
-            &[kvm_run(), kvm_get_regs(), kvm_get_sregs(), libc::FIONBIO],
+            &[
+                kvm_run(),
+                kvm_get_regs(),
+                kvm_get_sregs(),
+                kvm_set_regs(),
+                kvm_get_vcpu_events(),
+                kvm_set_vcpu_events(),
+                libc::FIONBIO,
+            ],
         ),
     );
     r.insert(

@@ -51,6 +51,17 @@ pub struct InternalError {
     pub insn: Vec<u8>,
 }
 
+/// The #BP exception vector.
+const BREAKPOINT_VECTOR: u8 = 3;
+
+impl InternalError {
+    /// Whether this is KVM's emulator failing on `int3` (opcode 0xcc), which the VMM completes
+    /// by delivering #BP itself.
+    pub fn is_unemulated_int3(&self) -> bool {
+        self.suberror == KVM_INTERNAL_ERROR_EMULATION && self.insn.first() == Some(&0xcc)
+    }
+}
+
 impl fmt::Display for InternalError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.suberror {
@@ -181,7 +192,11 @@ impl Vcpu {
                     VcpuExit::SystemEvent(kind, _) => return VcpuStop::SystemEvent(kind),
                     VcpuExit::FailEntry(reason, cpu) => return VcpuStop::FailEntry { reason, cpu },
                     VcpuExit::InternalError => {
-                        return VcpuStop::InternalError(self.internal_error(&ctx.mem))
+                        let e = self.internal_error(&ctx.mem);
+                        if e.is_unemulated_int3() && self.deliver_breakpoint() {
+                            continue;
+                        }
+                        return VcpuStop::InternalError(e);
                     }
                     VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
                     other => return VcpuStop::Unhandled(format!("{other:?}")),
@@ -190,6 +205,32 @@ impl Vcpu {
                 Err(e) => return VcpuStop::RunFailed(e.to_string()),
             }
         }
+    }
+
+    /// Completes an `int3` that KVM's instruction emulator could not run: RIP moves past the
+    /// one-byte instruction and #BP (vector 3, a trap, no error code) is injected, which is
+    /// what the CPU itself does. KVM only emulates guest ring-0 code on hosts without
+    /// hardware virtualization (PVM); Linux executes `int3` at boot (the alternatives
+    /// self-test, text patching), so without this no unmodified kernel gets past early boot
+    /// there. Returns false when KVM refuses the registers or the event.
+    fn deliver_breakpoint(&mut self) -> bool {
+        let Ok(mut regs) = self.fd.get_regs() else {
+            return false;
+        };
+        let Ok(mut events) = self.fd.get_vcpu_events() else {
+            return false;
+        };
+        regs.rip = regs.rip.wrapping_add(1);
+        events.exception.injected = 1;
+        events.exception.nr = BREAKPOINT_VECTOR;
+        events.exception.has_error_code = 0;
+        events.exception.error_code = 0;
+        tracing::debug!(
+            "vCPU {}: int3 at {:#x} delivered as #BP",
+            self.id,
+            regs.rip - 1
+        );
+        self.fd.set_regs(&regs).is_ok() && self.fd.set_vcpu_events(&events).is_ok()
     }
 
     fn internal_error(&mut self, mem: &GuestMem) -> InternalError {
@@ -275,6 +316,31 @@ impl VcpuStop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_emulation_failure_on_int3_is_completed() {
+        let e = |suberror, insn: &[u8]| InternalError {
+            vcpu: 0,
+            suberror,
+            data: vec![],
+            rip: 0xffff_ffff_81bf_b47c,
+            rip_phys: Some(0x1bf_b47c),
+            insn: insn.to_vec(),
+        };
+        assert!(e(1, &[0xcc, 0x90, 0x90]).is_unemulated_int3());
+        // int n, lock cmpxchg16b, xrstor, popcnt: not completed, the VM stops and says why.
+        for insn in [
+            &[0xcd, 0x03][..],
+            &[0xf0, 0x48, 0x0f, 0xc7, 0x0e],
+            &[0x48, 0x0f, 0xae, 0x2f],
+            &[0xf3, 0x48, 0x0f, 0xb8, 0xc7],
+            &[],
+        ] {
+            assert!(!e(1, insn).is_unemulated_int3(), "{insn:02x?}");
+        }
+        // A 0xcc byte under another suberror is not an emulation failure.
+        assert!(!e(3, &[0xcc]).is_unemulated_int3());
+    }
 
     #[test]
     fn internal_error_message_names_suberror_and_bytes() {
