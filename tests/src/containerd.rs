@@ -22,6 +22,13 @@ use crate::{mounts_under, processes_mentioning};
 pub const IMAGE: &str = "docker.io/library/busybox:latest";
 /// The containerd namespace the tests use.
 pub const NS: &str = "husk-test";
+/// Where Debian's containernetworking-plugins puts the CNI plugins.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// The namespace of containerd's CRI plugin.
+pub const CRI_NS: &str = "k8s.io";
+/// The CRI sandbox ("pause") image: busybox whose command is a long sleep,
+/// tagged by [`Containerd::import_busybox`] beside [`IMAGE`].
+pub const PAUSE_IMAGE: &str = "docker.io/library/busybox:pause";
 
 /// Why a containerd test cannot run here (and is skipped), or `None`:
 /// `containerd`, `ctr` or one of `tools` is not installed, or this is not
@@ -48,6 +55,7 @@ pub struct Builder {
     env: Vec<(OsString, OsString)>,
     runtime: Vec<String>,
     private_fifos: bool,
+    cri: bool,
 }
 
 impl Builder {
@@ -86,6 +94,16 @@ impl Builder {
         self
     }
 
+    /// Turns on containerd's CRI plugin (the kubelet's API, served on the
+    /// same socket) with `husk` and `runc` as runtime handlers,
+    /// [`PAUSE_IMAGE`] as the sandbox image and no CNI network configured
+    /// (plugins from [`CNI_BIN_DIR`], configurations in `<dir>/cni/net.d`).
+    /// `ctr` then works in the CRI's namespace, `k8s.io`.
+    pub fn cri(mut self) -> Builder {
+        self.cri = true;
+        self
+    }
+
     /// Starts containerd and waits until `ctr version` answers; panics
     /// (with containerd's log) if it does not within 30 s.
     pub fn start(self) -> Containerd {
@@ -100,12 +118,27 @@ impl Builder {
             std::os::unix::fs::symlink(shim, bin.join(shim.file_name().unwrap())).unwrap();
         }
         let sock = d.join("containerd.sock");
+        let cri = if self.cri {
+            format!(
+                r#"disabled_plugins = []
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN_DIR}"
+    conf_dir = "{cni}/net.d"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+"#,
+                cni = d.join("cni").display()
+            )
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_string()
+        };
         let config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
+{cri}[grpc]
   address = "{sock}"
 [ttrpc]
   address = "{sock}.ttrpc"
@@ -144,6 +177,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             sock,
             runtime: self.runtime,
             fifo_dir,
+            ns: if self.cri { CRI_NS } else { NS },
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.ctr(&["version"]).status.success() {
@@ -168,6 +202,7 @@ pub struct Containerd {
     sock: PathBuf,
     runtime: Vec<String>,
     fifo_dir: Option<PathBuf>,
+    ns: &'static str,
 }
 
 impl Containerd {
@@ -180,6 +215,7 @@ impl Containerd {
             env: Vec::new(),
             runtime: Vec::new(),
             private_fifos: false,
+            cri: false,
         }
     }
 
@@ -224,7 +260,7 @@ impl Containerd {
             .arg("-a")
             .arg(&self.sock)
             .arg("-n")
-            .arg(NS)
+            .arg(self.ns)
             .args(args);
         c
     }
@@ -237,12 +273,37 @@ impl Containerd {
             .expect("running ctr")
     }
 
-    /// Imports the OCI image layout `layout` as [`IMAGE`].
+    /// Imports the OCI image layout `layout` as [`IMAGE`], and as
+    /// [`PAUSE_IMAGE`] with the command `sleep 1000000000` (a copy of the
+    /// layout gets that tag; `layout` is left as it is).
     pub fn import_busybox(&self, layout: &Path) {
+        let copy = self.dir().join("busybox-oci");
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(layout)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(st.success(), "copying {layout:?}");
+        let st = Command::new("umoci")
+            .args(["config", "--image"])
+            .arg(format!("{}:latest", copy.display()))
+            .args([
+                "--tag",
+                "pause",
+                "--config.cmd",
+                "sleep",
+                "--config.cmd",
+                "1000000000",
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .expect("running umoci");
+        assert!(st.success(), "tagging the pause image");
         let tar = self.dir().join("busybox.tar");
         let st = Command::new("tar")
             .arg("-C")
-            .arg(layout)
+            .arg(&copy)
             .arg("-cf")
             .arg(&tar)
             .arg(".")
@@ -477,7 +538,7 @@ impl Containerd {
             .arg("-a")
             .arg(&self.sock)
             .arg("-n")
-            .arg(NS)
+            .arg(self.ns)
             .arg("events")
             .stdin(Stdio::null())
             .stdout(out)
@@ -489,11 +550,11 @@ impl Containerd {
         for i in 0.. {
             let label = format!("husk.events={i}");
             if !self
-                .ctr(&["namespaces", "label", NS, &label])
+                .ctr(&["namespaces", "label", self.ns, &label])
                 .status
                 .success()
             {
-                let _ = self.ctr(&["namespaces", "create", NS]);
+                let _ = self.ctr(&["namespaces", "create", self.ns]);
             }
             std::thread::sleep(Duration::from_millis(100));
             if events

@@ -1,6 +1,6 @@
 //! The private containerd the shim's end-to-end tests share.
 
-use husk_tests::containerd::{Containerd, NS};
+use husk_tests::containerd::{Builder, Containerd, NS};
 use husk_tests::{busybox_layout, e2e_config, target_dir};
 
 /// The runtime name `ctr run --runtime` asks for.
@@ -13,7 +13,14 @@ pub const RUNTIME: &str = "io.containerd.husk.v2";
 /// part); the busybox image is imported. The shim and husk-vsock (found
 /// beside the shim) are copies in `<dir>/husk-bin`, so a rebuild of the
 /// shared target directory during a test cannot pull them away.
+#[allow(dead_code)] // not every test binary uses it
 pub fn containerd_with_busybox() -> Containerd {
+    husk_containerd(|b| b)
+}
+
+/// [`containerd_with_busybox`], with `extra` applied to the builder
+/// before containerd starts (e.g. [`Builder::cri`]).
+pub fn husk_containerd(extra: impl FnOnce(Builder) -> Builder) -> Containerd {
     let layout = busybox_layout();
     let b = Containerd::builder();
     let run = b.dir().join("run");
@@ -27,7 +34,7 @@ pub fn containerd_with_busybox() -> Containerd {
     }
     let config = b.dir().join("husk.toml");
     std::fs::write(&config, "# the test's husk config: defaults\n").unwrap();
-    let cd = b
+    let cd = extra(b)
         .shim(own.join("containerd-shim-husk-v2"))
         .env("HUSK_CONFIG", config)
         .env("HUSK_RUN_DIR", run)

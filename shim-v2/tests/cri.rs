@@ -1,0 +1,331 @@
+//! Kubernetes' way in: the kubelet's API (CRI v1), served by containerd 1.6's own CRI plugin,
+//! with `husk` as the pod's runtime handler (what a RuntimeClass names). The test plays the
+//! kubelet: RunPodSandbox, CreateContainer and StartContainer for two containers, ExecSync,
+//! ContainerStatus, StopContainer, RemoveContainer, StopPodSandbox, RemovePodSandbox. The pause
+//! container and both containers share one VM; their output reaches the CRI log files; exit
+//! codes come back; afterwards nothing is left (no shim, VM, virtiofsd, mount or run dir).
+//! Skips only when containerd, ctr, umoci or QEMU are not installed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::husk_containerd;
+use husk_tests::containerd::{skip_reason, Containerd, IMAGE};
+use husk_tests::processes_mentioning;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The runtime handler (containerd's `runtimes.husk`, a RuntimeClass's `handler`).
+const HANDLER: &str = "husk";
+
+/// A CRI client on containerd's socket, driven synchronously.
+struct Cri {
+    rt: tokio::runtime::Runtime,
+    client: RuntimeServiceClient<Channel>,
+}
+
+/// One CRI call, blocking; the reply or the gRPC status.
+macro_rules! cri {
+    ($c:expr, $method:ident, $req:expr) => {
+        $c.rt
+            .block_on($c.client.$method($req))
+            .map(|r| r.into_inner())
+    };
+}
+
+impl Cri {
+    fn connect(sock: &Path) -> Cri {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let sock = sock.to_path_buf();
+        let channel = rt
+            .block_on(
+                // The URI is a placeholder: the connector dials the Unix socket.
+                Endpoint::from_static("http://[::]:50051").connect_with_connector(
+                    tower::service_fn(move |_: Uri| {
+                        let sock = sock.clone();
+                        async move {
+                            let s = tokio::net::UnixStream::connect(sock).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                        }
+                    }),
+                ),
+            )
+            .expect("connecting to containerd's CRI service");
+        Cri {
+            rt,
+            client: RuntimeServiceClient::new(channel),
+        }
+    }
+}
+
+/// QEMU processes of this containerd's sandboxes.
+fn qemus(cd: &Containerd) -> Vec<(u32, String)> {
+    processes_mentioning(&cd.dir().display().to_string())
+        .into_iter()
+        .filter(|(_, cmd)| {
+            cmd.split(' ')
+                .next()
+                .is_some_and(|p| p.ends_with("qemu-system-x86_64"))
+        })
+        .collect()
+}
+
+fn pod_config(logs: &Path, network: NamespaceMode) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "husk-pod".into(),
+            uid: "a6d3b1f0-husk-pod".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        // The kubelet leaves the hostname out for pods on the node's network.
+        hostname: if network == NamespaceMode::Node {
+            String::new()
+        } else {
+            "husk-pod".into()
+        },
+        log_directory: logs.display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: network as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, script: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+/// Waits until the CRI log file `path` has a line for `stream` with `text`, as containerd
+/// writes them (`<time> <stream> F <text>`); returns the file.
+fn wait_for_log(path: &PathBuf, stream: &str, text: &str, cd: &Containerd) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        let found = log.lines().any(|l| {
+            let f: Vec<&str> = l.splitn(4, ' ').collect();
+            f.len() == 4 && f[1] == stream && f[2] == "F" && f[3] == text
+        });
+        if found {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {stream} line {text:?} in {path:?}: {log:?}\n{}",
+            cd.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A pod on the node's network (`hostNetwork: true`: no CNI, no hostname). husk has no pod
+/// networking yet: a pod network namespace made by CNI is not carried into the VM.
+#[test]
+fn cri_host_network_pod_with_two_containers_runs_in_one_vm() {
+    pod_with_two_containers(
+        "cri_host_network_pod_with_two_containers_runs_in_one_vm",
+        NamespaceMode::Node,
+    );
+}
+
+fn pod_with_two_containers(test: &str, network: NamespaceMode) {
+    if let Some(why) = skip_reason(&["qemu-system-x86_64", "umoci"]) {
+        eprintln!("SKIP {test}: {why}");
+        return;
+    }
+    let cd = husk_containerd(|b| b.cri());
+    let mut cri = Cri::connect(cd.address());
+    let v = cri!(cri, version, VersionRequest::default())
+        .unwrap_or_else(|e| panic!("CRI Version: {e}\n{}", cd.log()));
+    assert_eq!(v.runtime_name, "containerd", "{v:?}");
+
+    let logs = cd.dir().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let pod = pod_config(&logs, network);
+    let pod_id = cri!(
+        cri,
+        run_pod_sandbox,
+        RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: HANDLER.into(),
+        }
+    )
+    .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cd.log()))
+    .pod_sandbox_id;
+    let status = cri!(
+        cri,
+        pod_sandbox_status,
+        PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.clone(),
+            verbose: false,
+        }
+    )
+    .unwrap()
+    .status
+    .unwrap();
+    assert_eq!(status.state, PodSandboxState::SandboxReady as i32);
+    assert_eq!(status.runtime_handler, HANDLER);
+
+    let mut create_and_start = |name: &str, script: &str| -> String {
+        let id = cri!(
+            cri,
+            create_container,
+            CreateContainerRequest {
+                pod_sandbox_id: pod_id.clone(),
+                config: Some(container_config(name, script)),
+                sandbox_config: Some(pod.clone()),
+            }
+        )
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", cd.log()))
+        .container_id;
+        cri!(
+            cri,
+            start_container,
+            StartContainerRequest {
+                container_id: id.clone(),
+            }
+        )
+        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", cd.log()));
+        id
+    };
+    let c1 = create_and_start(
+        "c1",
+        "echo hello-from-c1; echo to-stderr >&2; exec sleep 1000000",
+    );
+    let c2 = create_and_start("c2", "echo c2 done; exit 3");
+    wait_for_log(&logs.join("c1.log"), "stdout", "hello-from-c1", &cd);
+    wait_for_log(&logs.join("c1.log"), "stderr", "to-stderr", &cd);
+    wait_for_log(&logs.join("c2.log"), "stdout", "c2 done", &cd);
+
+    // The pause container and both containers: one VM.
+    let vms = qemus(&cd);
+    assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
+
+    // c2 ended with its own exit code.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let c2_status = loop {
+        let s = cri!(
+            cri,
+            container_status,
+            ContainerStatusRequest {
+                container_id: c2.clone(),
+                verbose: false,
+            }
+        )
+        .unwrap()
+        .status
+        .unwrap();
+        if s.state == ContainerState::ContainerExited as i32 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "c2 still {s:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(c2_status.exit_code, 3, "{c2_status:?}");
+
+    // ExecSync: the kubelet's exec probes and `kubectl exec` without a tty.
+    let r = cri!(
+        cri,
+        exec_sync,
+        ExecSyncRequest {
+            container_id: c1.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo exec-out; echo exec-err >&2; exit 4".into(),
+            ],
+            timeout: 60,
+        }
+    )
+    .unwrap_or_else(|e| panic!("ExecSync: {e}\n{}", cd.log()));
+    assert_eq!(
+        (
+            r.exit_code,
+            String::from_utf8_lossy(&r.stdout).as_ref(),
+            String::from_utf8_lossy(&r.stderr).as_ref()
+        ),
+        (4, "exec-out\n", "exec-err\n")
+    );
+
+    // The kubelet's teardown.
+    cri!(
+        cri,
+        stop_container,
+        StopContainerRequest {
+            container_id: c1.clone(),
+            timeout: 5,
+        }
+    )
+    .unwrap_or_else(|e| panic!("StopContainer: {e}\n{}", cd.log()));
+    for id in [&c1, &c2] {
+        cri!(
+            cri,
+            remove_container,
+            RemoveContainerRequest {
+                container_id: id.clone(),
+            }
+        )
+        .unwrap_or_else(|e| panic!("RemoveContainer: {e}\n{}", cd.log()));
+    }
+    cri!(
+        cri,
+        stop_pod_sandbox,
+        StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        }
+    )
+    .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", cd.log()));
+    cri!(
+        cri,
+        remove_pod_sandbox,
+        RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        }
+    )
+    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", cd.log()));
+    let pods = cri!(cri, list_pod_sandbox, ListPodSandboxRequest::default())
+        .unwrap()
+        .items;
+    assert!(pods.is_empty(), "{pods:?}");
+
+    let left = cd.wait_for_no_processes();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    let run = cd.dir().join("run");
+    let entries: Vec<_> = std::fs::read_dir(&run)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(entries.is_empty(), "left in {run:?}: {entries:?}");
+    cd.stop_and_check();
+}
