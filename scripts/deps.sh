@@ -13,6 +13,7 @@ pkgs=(
 	libcap-ng-dev pkg-config # building virtiofsd
 	umoci               # offline OCI images for tests
 	containerd          # the containerd shim tests (brings runc and ctr)
+	containernetworking-plugins # CNI bridge for the CRI pod network test (shim-v2/tests/cri.rs)
 	protobuf-compiler   # protoc, for the CRI client of shim-v2/tests/cri.rs (k8s-cri)
 	podman conmon       # the podman end-to-end tests (tests/tests/podman.rs)
 )

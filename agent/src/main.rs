@@ -11,6 +11,7 @@ mod boot;
 mod container;
 mod init;
 mod io_listener;
+mod network;
 mod oom;
 mod reaper;
 mod sandbox;

@@ -1,4 +1,4 @@
-//! Sandbox-wide setup in the guest: hostname and the shared filesystem.
+//! Sandbox-wide setup in the guest: hostname, the shared filesystem and the pod's network.
 
 use std::path::Path;
 
@@ -10,8 +10,15 @@ use crate::container::ContainerError;
 /// rewrites container rootfs and volume paths to lie under it.
 pub const SHARED_DIR: &str = "/run/husk/shared";
 
-/// Sets the hostname and mounts the shared filesystem `tag` (if any).
-pub fn create(hostname: &str, tag: &str) -> Result<(), ContainerError> {
+/// Sets the hostname, mounts the shared filesystem `tag` (if any) and sets up the pod's
+/// network (checked first, before anything changes).
+pub fn create(
+    hostname: &str,
+    tag: &str,
+    interfaces: &[husk_protocols::agent::NetInterface],
+    routes: &[husk_protocols::agent::NetRoute],
+) -> Result<(), ContainerError> {
+    let (interfaces, routes) = crate::network::parse(interfaces, routes)?;
     if !hostname.is_empty() {
         nix::unistd::sethostname(hostname)
             .map_err(|e| ContainerError::InvalidArgument(format!("hostname {hostname:?}: {e}")))?;
@@ -36,6 +43,9 @@ pub fn create(hostname: &str, tag: &str) -> Result<(), ContainerError> {
                 ContainerError::Internal(format!("mounting virtio-fs {tag:?} on {SHARED_DIR}: {e}"))
             })?;
         }
+    }
+    if !interfaces.is_empty() {
+        crate::network::configure(&interfaces, &routes)?;
     }
     Ok(())
 }

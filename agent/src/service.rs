@@ -118,7 +118,12 @@ impl Agent for AgentService {
         _ctx: &ttrpc::TtrpcContext,
         req: CreateSandboxRequest,
     ) -> ttrpc::Result<CreateSandboxResponse> {
-        sandbox::create(&req.hostname, &req.shared_fs_tag)?;
+        sandbox::create(
+            &req.hostname,
+            &req.shared_fs_tag,
+            &req.interfaces,
+            &req.routes,
+        )?;
         Ok(CreateSandboxResponse::new())
     }
 

@@ -87,7 +87,7 @@ pub fn copy_plain(
 
 /// Version of the agent API described by these protos; bumped when an RPC
 /// changes meaning.
-pub const API_VERSION: u32 = 3;
+pub const API_VERSION: u32 = 4;
 
 #[cfg(test)]
 mod tests {

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use husk_protocols::agent::{
     ContainerRequest, CreateContainerRequest, CreateSandboxRequest, Empty, ExecProcessRequest,
-    ProcessRequest, ShutdownRequest, SignalProcessRequest, StatsContainerResponse, StdioSpec,
-    TtyWinResizeRequest, UpdateContainerRequest, VersionRequest, VersionResponse,
+    NetInterface, NetRoute, ProcessRequest, ShutdownRequest, SignalProcessRequest,
+    StatsContainerResponse, StdioSpec, TtyWinResizeRequest, UpdateContainerRequest, VersionRequest,
+    VersionResponse,
 };
 use husk_protocols::agent_ttrpc::AgentClient as AgentRpc;
 use husk_protocols::health::CheckRequest;
@@ -188,11 +189,20 @@ impl AgentClient {
             })
     }
 
-    /// Mounts the shared filesystem and sets the hostname in the guest.
-    pub fn create_sandbox(&self, hostname: &str, shared_fs_tag: &str) -> Result<()> {
+    /// Sets the hostname, mounts the shared filesystem and sets up the pod's network
+    /// interfaces and routes in the guest.
+    pub fn create_sandbox(
+        &self,
+        hostname: &str,
+        shared_fs_tag: &str,
+        interfaces: Vec<NetInterface>,
+        routes: Vec<NetRoute>,
+    ) -> Result<()> {
         let mut r = CreateSandboxRequest::new();
         r.hostname = hostname.to_string();
         r.shared_fs_tag = shared_fs_tag.to_string();
+        r.interfaces = interfaces;
+        r.routes = routes;
         let res = self.agent.create_sandbox(ctx(RPC_TIMEOUT), &r);
         res.map(drop).map_err(|source| Error::Agent {
             request: "CreateSandbox",

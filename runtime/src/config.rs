@@ -75,6 +75,12 @@ pub struct RuntimeConfig {
     /// virtiofsd binary; found in PATH, `~/.cargo/bin` or `/usr/libexec`
     /// when unset.
     pub virtiofsd: Option<PathBuf>,
+    /// The pod's network namespace on the host (made by CNI), whose interfaces the VM takes
+    /// over (see [`crate::network`]); `None`: the VM has loopback only.
+    pub network_namespace: Option<PathBuf>,
+    /// The VM's hostname, which containers that share the pod's UTS namespace see; `None`:
+    /// the sandbox id.
+    pub hostname: Option<String>,
 }
 
 impl RuntimeConfig {
@@ -101,6 +107,8 @@ impl RuntimeConfig {
             kernel_params: std::env::var("HUSK_KERNEL_PARAMS").unwrap_or_default(),
             shared_fs: true,
             virtiofsd: std::env::var_os("HUSK_VIRTIOFSD").map(PathBuf::from),
+            network_namespace: None,
+            hostname: None,
         })
     }
 
@@ -108,8 +116,12 @@ impl RuntimeConfig {
     pub fn backend_choice(&self, host: &HostProbe) -> Result<BackendChoice> {
         match self.backend {
             // husk-vmm serves the shared directory through virtiofsd as
-            // QEMU does, so auto picks it for every sandbox where it runs.
-            BackendSetting::Auto => Ok(choose_backend(&host.kvm, self.husk_vmm().is_ok())),
+            // QEMU does, so auto picks it where it runs, except for pods with
+            // a network namespace: husk-vmm has no virtio-net device yet.
+            BackendSetting::Auto => Ok(choose_backend(
+                &host.kvm,
+                self.husk_vmm().is_ok() && self.network_namespace.is_none(),
+            )),
             BackendSetting::Fixed(BackendKind::HuskVmm) if !host.kvm.runs_linux() => {
                 Err(Error::BackendUnavailable {
                     backend: "husk-vmm",

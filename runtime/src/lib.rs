@@ -14,6 +14,7 @@ pub mod error;
 pub mod host;
 pub mod hypervisor;
 pub mod kernel_cmdline;
+pub mod network;
 pub mod process;
 pub mod remains;
 pub mod sandbox;

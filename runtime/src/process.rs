@@ -1,6 +1,7 @@
 //! Helper processes (VMM, vsock backend) owned by a sandbox: spawned so they
 //! die with their owner, waited with deadlines, always reaped.
 
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
@@ -13,6 +14,23 @@ use crate::error::{Error, Result};
 
 /// How often a deadline wait looks at the child again.
 const POLL: Duration = Duration::from_millis(5);
+
+/// Copies of `fds` without the close-on-exec flag, for a child to inherit at the same
+/// numbers: spawn it, then drop the copies. Any process spawned from this one meanwhile
+/// inherits them too, so spawn the child right away.
+pub fn inheritable_copies(fds: &[RawFd]) -> std::io::Result<Vec<OwnedFd>> {
+    fds.iter()
+        .map(|fd| {
+            // SAFETY: F_DUPFD duplicates an fd the caller holds open; the result is checked.
+            let copy = unsafe { libc::fcntl(*fd, libc::F_DUPFD, 3) };
+            if copy < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `copy` is a new descriptor nobody else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+        })
+        .collect()
+}
 
 /// A child process that is killed and reaped when dropped.
 #[derive(Debug)]

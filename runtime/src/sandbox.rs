@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::host::HostProbe;
 use crate::hypervisor::{BackendKind, Vm, VmExit, VmSpec, SHARED_FS_TAG};
 use crate::kernel_cmdline::KernelCmdline;
+use crate::network::PodNetwork;
 use crate::shared_fs::SharedDir;
 
 /// Guest vsock CID of every sandbox (each VM has its own vsock backend, so
@@ -96,6 +97,11 @@ impl Sandbox {
             None
         };
 
+        // The pod's network namespace: a tap per interface, before the VM needs them.
+        let network = match &cfg.network_namespace {
+            Some(ns) => PodNetwork::attach(ns)?,
+            None => PodNetwork::default(),
+        };
         let mut cmdline = KernelCmdline::husk_default();
         cmdline.extend_raw(&cfg.kernel_params)?;
         let console_log = dir.join("console.log");
@@ -110,8 +116,12 @@ impl Sandbox {
             run_dir: dir.clone(),
             console_log: console_log.clone(),
             shared_dir: shared.as_ref().map(|s| s.path().to_path_buf()),
+            nics: network.nics(),
         };
         let mut vm = hv.start(&spec)?;
+        // QEMU holds the taps now; the pod's interfaces go to the agent.
+        let (interfaces, routes) = network.to_agent();
+        drop(network);
         let deadline = t0 + cfg.boot_timeout;
         let uds = vm.vsock_uds();
         let res = wait_for_agent(
@@ -129,7 +139,14 @@ impl Sandbox {
         );
         let res = res.and_then(|agent| {
             let tag = if shared.is_some() { SHARED_FS_TAG } else { "" };
-            agent.create_sandbox(id, tag).map(|()| agent)
+            agent
+                .create_sandbox(
+                    cfg.hostname.as_deref().unwrap_or(id),
+                    tag,
+                    interfaces,
+                    routes,
+                )
+                .map(|()| agent)
         });
         let agent = match res {
             Ok(a) => a,

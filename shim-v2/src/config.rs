@@ -247,6 +247,15 @@ pub fn sandbox_config(path: &Path, required: bool, bundle: &Path) -> Result<(Run
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .unwrap_or_default();
     size_pod(&mut cfg, &spec)?;
+    // The pod's network namespace (CNI's, under containerd's CRI plugin): the VM takes over
+    // its interfaces.
+    cfg.network_namespace = husk_runtime::network::netns_of_spec(&spec);
+    // The pod's hostname (the sandbox container's): its containers share the VM's UTS
+    // namespace, as they would share the pause container's.
+    cfg.hostname = spec["hostname"]
+        .as_str()
+        .filter(|h| !h.is_empty())
+        .map(str::to_string);
     Ok((cfg, file.debug_console == Some(true)))
 }
 

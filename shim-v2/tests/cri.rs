@@ -1,10 +1,11 @@
 //! Kubernetes' way in: the kubelet's API (CRI v1), served by containerd 1.6's own CRI plugin,
-//! with `husk` as the pod's runtime handler (what a RuntimeClass names). The test plays the
+//! with `husk` as the pod's runtime handler (what a RuntimeClass names). The tests play the
 //! kubelet: RunPodSandbox, CreateContainer and StartContainer for two containers, ExecSync,
 //! ContainerStatus, StopContainer, RemoveContainer, StopPodSandbox, RemovePodSandbox. The pause
 //! container and both containers share one VM; their output reaches the CRI log files; exit
-//! codes come back; afterwards nothing is left (no shim, VM, virtiofsd, mount or run dir).
-//! Skips only when containerd, ctr, umoci or QEMU are not installed.
+//! codes come back; a pod with a CNI network is reached over it from the host; afterwards
+//! nothing is left (no shim, VM, virtiofsd, mount, run dir or bridge). Skips only when
+//! containerd, ctr, umoci, QEMU or the CNI plugins are not installed.
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::husk_containerd;
-use husk_tests::containerd::{skip_reason, Containerd, IMAGE};
+use husk_tests::containerd::{skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET_PREFIX, IMAGE};
 use husk_tests::processes_mentioning;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
@@ -68,6 +69,33 @@ impl Cri {
             rt,
             client: RuntimeServiceClient::new(channel),
         }
+    }
+}
+
+/// GET `path` from `ip:port` (HTTP/1.0), retrying until a server answers; the whole answer.
+fn http_get(ip: &str, port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = std::net::TcpStream::connect_timeout(
+            &format!("{ip}:{port}").parse().unwrap(),
+            Duration::from_secs(2),
+        )
+        .and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+            let mut a = String::new();
+            s.read_to_string(&mut a)?;
+            Ok(a)
+        });
+        match answer {
+            Ok(a) if !a.is_empty() => return a,
+            other => assert!(
+                Instant::now() < deadline,
+                "no HTTP answer from {ip}:{port}: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -150,8 +178,16 @@ fn wait_for_log(path: &PathBuf, stream: &str, text: &str, cd: &Containerd) -> St
     }
 }
 
-/// A pod on the node's network (`hostNetwork: true`: no CNI, no hostname). husk has no pod
-/// networking yet: a pod network namespace made by CNI is not carried into the VM.
+/// A pod with its own network (CNI's bridge plugin: a veth `eth0` with an address from
+/// host-local, a default route): the VM takes over `eth0` (tap + tc redirect, virtio-net with
+/// its MAC, the guest agent sets address and routes). The test reaches the pod's HTTP server
+/// from the host at the IP CRI reports, and the container sees that IP on its `eth0`.
+#[test]
+fn cri_pod_network_reaches_the_vm() {
+    pod_with_two_containers("cri_pod_network_reaches_the_vm", NamespaceMode::Pod);
+}
+
+/// A pod on the node's network (`hostNetwork: true`: no CNI, no hostname): the VM's own.
 #[test]
 fn cri_host_network_pod_with_two_containers_runs_in_one_vm() {
     pod_with_two_containers(
@@ -165,6 +201,10 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         eprintln!("SKIP {test}: {why}");
         return;
     }
+    if network == NamespaceMode::Pod && !Path::new(CNI_BIN_DIR).join("bridge").exists() {
+        eprintln!("SKIP {test}: no CNI bridge plugin in {CNI_BIN_DIR} (scripts/deps.sh installs containernetworking-plugins)");
+        return;
+    }
     let cd = husk_containerd(|b| b.cri());
     let mut cri = Cri::connect(cd.address());
     let v = cri!(cri, version, VersionRequest::default())
@@ -174,6 +214,7 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     let logs = cd.dir().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
     let pod = pod_config(&logs, network);
+    let pod_net = network == NamespaceMode::Pod;
     let pod_id = cri!(
         cri,
         run_pod_sandbox,
@@ -197,6 +238,10 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     .unwrap();
     assert_eq!(status.state, PodSandboxState::SandboxReady as i32);
     assert_eq!(status.runtime_handler, HANDLER);
+    let pod_ip = status.network.map(|n| n.ip).unwrap_or_default();
+    if pod_net {
+        assert!(pod_ip.starts_with(CRI_SUBNET_PREFIX), "pod IP {pod_ip:?}");
+    }
 
     let mut create_and_start = |name: &str, script: &str| -> String {
         let id = cri!(
@@ -220,14 +265,17 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", cd.log()));
         id
     };
+    // c1 serves its /etc over HTTP on port 8080 (on the pod's address when it has one).
     let c1 = create_and_start(
         "c1",
-        "echo hello-from-c1; echo to-stderr >&2; exec sleep 1000000",
+        "echo hello-from-c1; echo to-stderr >&2; exec httpd -f -p 8080 -h /etc",
     );
-    let c2 = create_and_start("c2", "echo c2 done; exit 3");
+    let c2 = create_and_start("c2", "echo c2 on $(hostname); exit 3");
     wait_for_log(&logs.join("c1.log"), "stdout", "hello-from-c1", &cd);
     wait_for_log(&logs.join("c1.log"), "stderr", "to-stderr", &cd);
-    wait_for_log(&logs.join("c2.log"), "stdout", "c2 done", &cd);
+    if pod_net {
+        wait_for_log(&logs.join("c2.log"), "stdout", "c2 on husk-pod", &cd);
+    }
 
     // The pause container and both containers: one VM.
     let vms = qemus(&cd);
@@ -278,6 +326,34 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         ),
         (4, "exec-out\n", "exec-err\n")
     );
+
+    if pod_net {
+        // The container has the pod's address on eth0, and the pod's default route.
+        let r = cri!(
+            cri,
+            exec_sync,
+            ExecSyncRequest {
+                container_id: c1.clone(),
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "ip -4 -o addr show eth0; ip route".into()
+                ],
+                timeout: 60,
+            }
+        )
+        .unwrap();
+        let out = String::from_utf8_lossy(&r.stdout);
+        assert!(out.contains(&format!("inet {pod_ip}/24")), "{out}");
+        assert!(
+            out.contains(&format!("default via {CRI_SUBNET_PREFIX}1 dev eth0")),
+            "{out}"
+        );
+        // The host reaches the pod's server at the pod's IP, through the bridge, the veth,
+        // the tap and the VM's virtio-net device.
+        let page = http_get(&pod_ip, 8080, "/passwd");
+        assert!(page.contains("root:x:0:0"), "{page}");
+    }
 
     // The kubelet's teardown.
     cri!(

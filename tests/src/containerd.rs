@@ -24,6 +24,9 @@ pub const IMAGE: &str = "docker.io/library/busybox:latest";
 pub const NS: &str = "husk-test";
 /// Where Debian's containernetworking-plugins puts the CNI plugins.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// The CRI pods' subnet, `10.88.77.0/24`, as the prefix of its addresses;
+/// the host bridge is `.1`.
+pub const CRI_SUBNET_PREFIX: &str = "10.88.77.";
 /// The namespace of containerd's CRI plugin.
 pub const CRI_NS: &str = "k8s.io";
 /// The CRI sandbox ("pause") image: busybox whose command is a long sleep,
@@ -96,9 +99,12 @@ impl Builder {
 
     /// Turns on containerd's CRI plugin (the kubelet's API, served on the
     /// same socket) with `husk` and `runc` as runtime handlers,
-    /// [`PAUSE_IMAGE`] as the sandbox image and no CNI network configured
-    /// (plugins from [`CNI_BIN_DIR`], configurations in `<dir>/cni/net.d`).
-    /// `ctr` then works in the CRI's namespace, `k8s.io`.
+    /// [`PAUSE_IMAGE`] as the sandbox image and one CNI network: the
+    /// bridge plugin on a bridge named after the temporary directory (the
+    /// host is its gateway) with addresses from `CRI_SUBNET_PREFIX.0/24`
+    /// (plugins from [`CNI_BIN_DIR`]; one such network at a time, the
+    /// subnet is fixed). The bridge is deleted when containerd stops. `ctr`
+    /// then works in the CRI's namespace, `k8s.io`.
     pub fn cri(mut self) -> Builder {
         self.cri = true;
         self
@@ -118,7 +124,34 @@ impl Builder {
             std::os::unix::fs::symlink(shim, bin.join(shim.file_name().unwrap())).unwrap();
         }
         let sock = d.join("containerd.sock");
-        let cri = if self.cri {
+        let bridge = self.cri.then(|| {
+            let name = d.file_name().unwrap().to_string_lossy();
+            let tail: String = name.chars().filter(char::is_ascii_alphanumeric).collect();
+            format!("hk{}", &tail[tail.len().saturating_sub(10)..])
+        });
+        let cri = if let Some(bridge) = &bridge {
+            std::fs::create_dir_all(d.join("cni/net.d")).unwrap();
+            std::fs::write(
+                d.join("cni/net.d/10-husk-test.conflist"),
+                serde_json::json!({
+                    "cniVersion": "0.4.0",
+                    "name": "husk-test",
+                    "plugins": [{
+                        "type": "bridge",
+                        "bridge": bridge,
+                        "isGateway": true,
+                        "ipMasq": false,
+                        "ipam": {
+                            "type": "host-local",
+                            "ranges": [[{"subnet": format!("{CRI_SUBNET_PREFIX}0/24")}]],
+                            "routes": [{"dst": "0.0.0.0/0"}],
+                            "dataDir": d.join("cni/ipam"),
+                        },
+                    }],
+                })
+                .to_string(),
+            )
+            .unwrap();
             format!(
                 r#"disabled_plugins = []
 [plugins."io.containerd.grpc.v1.cri"]
@@ -178,6 +211,7 @@ state = "{state}"
             runtime: self.runtime,
             fifo_dir,
             ns: if self.cri { CRI_NS } else { NS },
+            bridge,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.ctr(&["version"]).status.success() {
@@ -203,6 +237,8 @@ pub struct Containerd {
     runtime: Vec<String>,
     fifo_dir: Option<PathBuf>,
     ns: &'static str,
+    /// The CRI network's host bridge, deleted at the end.
+    bridge: Option<String>,
 }
 
 impl Containerd {
@@ -590,6 +626,19 @@ impl Containerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Deletes the CRI network's host bridge, if the bridge plugin made it.
+    fn delete_bridge(&self) {
+        if let Some(b) = &self.bridge {
+            if Path::new("/sys/class/net").join(b).exists() {
+                let st = Command::new("ip").args(["link", "del", b]).status();
+                assert!(
+                    st.is_ok_and(|s| s.success()) || std::thread::panicking(),
+                    "deleting the CRI bridge {b}"
+                );
+            }
+        }
+    }
 }
 
 impl Drop for Containerd {
@@ -598,6 +647,7 @@ impl Drop for Containerd {
             self.remove_everything();
         }
         self.stop();
+        self.delete_bridge();
     }
 }
 

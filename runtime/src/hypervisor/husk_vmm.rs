@@ -86,6 +86,13 @@ impl Hypervisor for HuskVmm {
 
     fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
         spec.validate()?;
+        if !spec.nics.is_empty() {
+            return Err(Error::Config(
+                "the pod has network interfaces, and husk-vmm has no virtio-net device yet: \
+                 use a QEMU backend (backend = \"qemu-kvm\") for pods with a network"
+                    .into(),
+            ));
+        }
         let cmdline = spec.cmdline.render()?;
         let uds = spec.run_dir.join("vsock.sock");
         let api = spec.run_dir.join("husk-vmm.sock");
@@ -270,6 +277,7 @@ mod tests {
             run_dir: "/run/x".into(),
             console_log: "/run/x/console.log".into(),
             shared_dir: None,
+            nics: Vec::new(),
         }
     }
 

@@ -111,6 +111,9 @@ pub struct VmSpec {
     /// Host directory shared with the guest over virtio-fs (tag
     /// [`SHARED_FS_TAG`]), if any.
     pub shared_dir: Option<PathBuf>,
+    /// NICs: an open tap (borrowed for the start call; the backend passes it to the VMM) and
+    /// the MAC the guest's device gets. See [`crate::network`].
+    pub nics: Vec<(std::os::fd::RawFd, String)>,
 }
 
 impl VmSpec {

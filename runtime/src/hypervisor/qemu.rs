@@ -3,6 +3,7 @@
 //! and the guest's virtio-vsock served by our `husk-vsock` vhost-user
 //! backend (this also works on hosts without kernel vhost-vsock).
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use crate::hypervisor::virtiofsd::{
     log_file, spawn_virtiofsd, wait_for_socket, BACKEND_READY_TIMEOUT,
 };
 use crate::hypervisor::{BackendKind, Hypervisor, Vm, VmExit, VmSpec};
-use crate::process::{describe_status, OwnedChild};
+use crate::process::{describe_status, inheritable_copies, OwnedChild};
 
 /// How long QEMU gets to exit after its vsock backend did, before the
 /// backend is blamed for the VM's end.
@@ -50,6 +51,8 @@ pub struct QemuCommand {
     pub vsock_socket: PathBuf,
     /// vhost-user socket of virtiofsd, when the sandbox shares a directory.
     pub fs_socket: Option<PathBuf>,
+    /// NICs: the fd number of an open tap in QEMU's process, and the guest MAC.
+    pub nics: Vec<(i32, String)>,
 }
 
 impl QemuCommand {
@@ -103,6 +106,13 @@ impl QemuCommand {
                     "vhost-user-fs-device,chardev=fs0,tag={}",
                     crate::hypervisor::SHARED_FS_TAG
                 ),
+            );
+        }
+        for (n, (fd, mac)) in self.nics.iter().enumerate() {
+            push("-netdev", format!("tap,id=net{n},fd={fd}"));
+            push(
+                "-device",
+                format!("virtio-net-device,netdev=net{n},mac={mac}"),
             );
         }
         for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
@@ -184,6 +194,10 @@ impl Hypervisor for Qemu {
             None => (None, None),
         };
 
+        // QEMU inherits its taps; the copies close once it is spawned.
+        let taps: Vec<RawFd> = spec.nics.iter().map(|(fd, _)| *fd).collect();
+        let taps = inheritable_copies(&taps)
+            .map_err(|e| crate::error::Error::io("passing the pod's taps to QEMU", e))?;
         let cmd = QemuCommand {
             name: format!("husk-{}", spec.id),
             accel: self.accel,
@@ -195,6 +209,11 @@ impl Hypervisor for Qemu {
             console_log: spec.console_log.clone(),
             vsock_socket: vhost_sock,
             fs_socket,
+            nics: taps
+                .iter()
+                .zip(&spec.nics)
+                .map(|(copy, (_, mac))| (copy.as_raw_fd(), mac.clone()))
+                .collect(),
         };
         let mut qemu_cmd = Command::new(&self.binary);
         qemu_cmd
@@ -204,6 +223,7 @@ impl Hypervisor for Qemu {
             .stderr(log_file(&spec.run_dir.join("qemu.log"))?);
         tracing::debug!(args = ?cmd.args(), "starting QEMU");
         let qemu = OwnedChild::spawn("QEMU", qemu_cmd)?;
+        drop(taps);
         Ok(Box::new(QemuVm {
             qemu,
             backend,
@@ -332,7 +352,26 @@ mod tests {
             console_log: "/run/x/console.log".into(),
             vsock_socket: "/run/x/vhost-vsock.sock".into(),
             fs_socket: None,
+            nics: Vec::new(),
         }
+    }
+
+    #[test]
+    fn each_nic_is_a_tap_netdev_and_a_virtio_net_device_with_its_mac() {
+        let mut c = cmd(Accel::Tcg);
+        c.nics = vec![
+            (7, "0a:58:0a:58:4d:02".into()),
+            (8, "0a:58:0a:58:4d:03".into()),
+        ];
+        let a = c.args();
+        assert_eq!(
+            value_of(&a, "-netdev"),
+            ["tap,id=net0,fd=7", "tap,id=net1,fd=8"]
+        );
+        let devices = value_of(&a, "-device");
+        assert!(devices.contains(&"virtio-net-device,netdev=net0,mac=0a:58:0a:58:4d:02"));
+        assert!(devices.contains(&"virtio-net-device,netdev=net1,mac=0a:58:0a:58:4d:03"));
+        assert!(value_of(&cmd(Accel::Tcg).args(), "-netdev").is_empty());
     }
 
     fn value_of<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
@@ -396,6 +435,7 @@ mod tests {
             run_dir: "/nonexistent".into(),
             console_log: "/nonexistent/console.log".into(),
             shared_dir: None,
+            nics: Vec::new(),
         }
     }
 

@@ -89,7 +89,11 @@ fn monitor(g: &Global, a: &MonitorArgs, sync: &mut Option<std::fs::File>) -> Res
     };
     let size_fd = relay::terminal_fd(pty.as_ref(), terminal)?;
 
-    let cfg = RuntimeConfig::from_env()?;
+    let mut cfg = RuntimeConfig::from_env()?;
+    // A network namespace podman (or CNI) prepared: the VM takes over its interfaces.
+    cfg.network_namespace = serde_json::to_value(&spec)
+        .ok()
+        .and_then(|v| husk_runtime::network::netns_of_spec(&v));
     let host = HostProbe::detect();
     let sb = Sandbox::start(&cfg, &host, &a.sandbox_id)?;
     sb.create_container(&a.id, &a.bundle, stdio)?;
