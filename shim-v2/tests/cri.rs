@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::husk_containerd;
+use common::{finish, husk_containerd};
 use husk_tests::containerd::{skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET_PREFIX, IMAGE};
 use husk_tests::processes_mentioning;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -70,6 +70,22 @@ impl Cri {
             client: RuntimeServiceClient::new(channel),
         }
     }
+}
+
+/// ExecSync of `sh -c script` in container `id`: (exit code, stdout, stderr).
+fn exec_sync(cri: &mut Cri, id: &str, script: &str, cd: &Containerd) -> (i32, String, String) {
+    let r = cri!(
+        cri,
+        exec_sync,
+        ExecSyncRequest {
+            container_id: id.to_string(),
+            cmd: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: 60,
+        }
+    )
+    .unwrap_or_else(|e| panic!("ExecSync {script:?}: {e}\n{}", cd.log()));
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (r.exit_code, text(&r.stdout), text(&r.stderr))
 }
 
 /// GET `path` from `ip:port` (HTTP/1.0), retrying until a server answers; the whole answer.
@@ -304,46 +320,19 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     assert_eq!(c2_status.exit_code, 3, "{c2_status:?}");
 
     // ExecSync: the kubelet's exec probes and `kubectl exec` without a tty.
-    let r = cri!(
-        cri,
-        exec_sync,
-        ExecSyncRequest {
-            container_id: c1.clone(),
-            cmd: vec![
-                "sh".into(),
-                "-c".into(),
-                "echo exec-out; echo exec-err >&2; exit 4".into(),
-            ],
-            timeout: 60,
-        }
-    )
-    .unwrap_or_else(|e| panic!("ExecSync: {e}\n{}", cd.log()));
     assert_eq!(
-        (
-            r.exit_code,
-            String::from_utf8_lossy(&r.stdout).as_ref(),
-            String::from_utf8_lossy(&r.stderr).as_ref()
+        exec_sync(
+            &mut cri,
+            &c1,
+            "echo exec-out; echo exec-err >&2; exit 4",
+            &cd
         ),
-        (4, "exec-out\n", "exec-err\n")
+        (4, "exec-out\n".into(), "exec-err\n".into())
     );
 
     if pod_net {
         // The container has the pod's address on eth0, and the pod's default route.
-        let r = cri!(
-            cri,
-            exec_sync,
-            ExecSyncRequest {
-                container_id: c1.clone(),
-                cmd: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    "ip -4 -o addr show eth0; ip route".into()
-                ],
-                timeout: 60,
-            }
-        )
-        .unwrap();
-        let out = String::from_utf8_lossy(&r.stdout);
+        let (_, out, _) = exec_sync(&mut cri, &c1, "ip -4 -o addr show eth0; ip route", &cd);
         assert!(out.contains(&format!("inet {pod_ip}/24")), "{out}");
         assert!(
             out.contains(&format!("default via {CRI_SUBNET_PREFIX}1 dev eth0")),
@@ -396,12 +385,5 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         .items;
     assert!(pods.is_empty(), "{pods:?}");
 
-    let left = cd.wait_for_no_processes();
-    assert!(left.is_empty(), "processes left behind: {left:?}");
-    let run = cd.dir().join("run");
-    let entries: Vec<_> = std::fs::read_dir(&run)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(entries.is_empty(), "left in {run:?}: {entries:?}");
-    cd.stop_and_check();
+    finish(cd);
 }

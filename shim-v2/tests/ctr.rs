@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use common::containerd_with_busybox;
+use common::{containerd_with_busybox, finish};
 use husk_tests::containerd::{skip_reason, Containerd, Events};
 use husk_tests::processes_mentioning;
 
@@ -33,26 +33,6 @@ fn qemus(cd: &Containerd) -> Vec<(u32, String)> {
                 .is_some_and(|p| p.ends_with("qemu-system-x86_64"))
         })
         .collect()
-}
-
-/// No task or container is left in containerd, no process (shim, VM,
-/// helpers) mentions its directory, the husk run root is empty, and once
-/// containerd is stopped, nothing of it is left either.
-fn finish(cd: Containerd) {
-    for what in ["tasks", "containers"] {
-        let out = cd.ctr(&[what, "ls", "-q"]);
-        assert!(out.status.success(), "ctr {what} ls: {out:?}");
-        let left = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(left.is_empty(), "{what} left: {left}");
-    }
-    let left = cd.wait_for_no_processes();
-    assert!(left.is_empty(), "processes left behind: {left:?}");
-    let run = cd.dir().join("run");
-    let entries: Vec<_> = std::fs::read_dir(&run)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(entries.is_empty(), "left in {run:?}: {entries:?}");
-    cd.stop_and_check();
 }
 
 /// Asserts that `want` appear in this order among `id`'s event topics.

@@ -53,3 +53,24 @@ pub fn shim_socket(cd: &Containerd, id: &str) -> std::path::PathBuf {
     let addr = containerd_shim::socket_address(&cd.address().display().to_string(), NS, id);
     addr.trim_start_matches("unix://").into()
 }
+
+/// No task or container is left in containerd, no process (shim, VM,
+/// helpers) mentions its directory, the husk run root is empty, and once
+/// containerd is stopped, nothing of it is left either.
+#[allow(dead_code)] // not every test binary uses it
+pub fn finish(cd: Containerd) {
+    for what in ["tasks", "containers"] {
+        let out = cd.ctr(&[what, "ls", "-q"]);
+        assert!(out.status.success(), "ctr {what} ls: {out:?}");
+        let left = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(left.is_empty(), "{what} left: {left}");
+    }
+    let left = cd.wait_for_no_processes();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    let run = cd.dir().join("run");
+    let entries: Vec<_> = std::fs::read_dir(&run)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(entries.is_empty(), "left in {run:?}: {entries:?}");
+    cd.stop_and_check();
+}
