@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{finish, husk_containerd};
 use husk_tests::containerd::{skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET_PREFIX, IMAGE};
-use husk_tests::processes_mentioning;
+use husk_tests::{http_get, processes_mentioning};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
@@ -88,30 +88,33 @@ fn exec_sync(cri: &mut Cri, id: &str, script: &str, cd: &Containerd) -> (i32, St
     (r.exit_code, text(&r.stdout), text(&r.stderr))
 }
 
-/// GET `path` from `ip:port` (HTTP/1.0), retrying until a server answers; the whole answer.
-fn http_get(ip: &str, port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let answer = std::net::TcpStream::connect_timeout(
-            &format!("{ip}:{port}").parse().unwrap(),
-            Duration::from_secs(2),
-        )
-        .and_then(|mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
-            let mut a = String::new();
-            s.read_to_string(&mut a)?;
-            Ok(a)
-        });
-        match answer {
-            Ok(a) if !a.is_empty() => return a,
-            other => assert!(
-                Instant::now() < deadline,
-                "no HTTP answer from {ip}:{port}: {other:?}"
-            ),
+/// Stops and removes a pod if the test fails, as the kubelet would: so CNI
+/// tears down its network namespace and veth (containerd's own clean-up of
+/// a failed test does not go through CRI).
+struct RemovePodOnPanic {
+    sock: PathBuf,
+    id: String,
+}
+
+impl Drop for RemovePodOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        let mut cri = Cri::connect(&self.sock);
+        let id = self.id.clone();
+        let _ = cri!(
+            cri,
+            stop_pod_sandbox,
+            StopPodSandboxRequest {
+                pod_sandbox_id: id.clone()
+            }
+        );
+        let _ = cri!(
+            cri,
+            remove_pod_sandbox,
+            RemovePodSandboxRequest { pod_sandbox_id: id }
+        );
     }
 }
 
@@ -241,6 +244,10 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     )
     .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cd.log()))
     .pod_sandbox_id;
+    let _cleanup = RemovePodOnPanic {
+        sock: cd.address().to_path_buf(),
+        id: pod_id.clone(),
+    };
     let status = cri!(
         cri,
         pod_sandbox_status,

@@ -331,3 +331,31 @@ impl Pod {
         self.work
     }
 }
+
+/// GET `path` from `ip:port` (HTTP/1.0), retrying until a server answers; the whole answer.
+pub fn http_get(ip: &str, port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = std::net::TcpStream::connect_timeout(
+            &format!("{ip}:{port}").parse().unwrap(),
+            Duration::from_secs(2),
+        )
+        .and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+            let mut a = String::new();
+            s.read_to_string(&mut a)?;
+            Ok(a)
+        });
+        match answer {
+            Ok(a) if !a.is_empty() => return a,
+            other => assert!(
+                Instant::now() < deadline,
+                "no HTTP answer from {ip}:{port}: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -38,17 +38,13 @@ use crate::{
 /// The busybox image, as tagged in every private store.
 pub const IMAGE: &str = "localhost/busybox:latest";
 
-/// What `podman run` needs on this host: no network (the default CNI
-/// bridge works here too, but keeps state in `/var/lib/cni` and
-/// `/run/netns`), and rlimits within the host's hard limits.
-pub const RUN_FLAGS: &[&str] = &[
-    "--network",
-    "none",
-    "--ulimit",
-    "nofile=20000",
-    "--ulimit",
-    "nproc=32768",
-];
+/// What `podman run` needs on this host: rlimits within the host's hard
+/// limits.
+const ULIMITS: &[&str] = &["--ulimit", "nofile=20000", "--ulimit", "nproc=32768"];
+
+/// No network (podman's default CNI bridge works here too, but keeps state
+/// in `/var/lib/cni`; [`Podman::bridge_network`] makes a private one).
+const NO_NETWORK: &[&str] = &["--network", "none"];
 
 /// Seconds any one podman command may take (`timeout(1)`).
 const PODMAN_TIMEOUT: u32 = 120;
@@ -209,6 +205,56 @@ impl Podman {
         args
     }
 
+    /// Makes a CNI network for this podman only (in its network config
+    /// directory): the bridge plugin on a bridge named after the private
+    /// directory, the host its gateway `<prefix>1`, addresses from
+    /// `<prefix>0/24` kept in the private directory. Returns its name. The
+    /// bridge is deleted when this `Podman` is dropped.
+    pub fn bridge_network(&self, prefix: &str) -> String {
+        let d = self.dir.path();
+        let name = "husktest";
+        std::fs::write(
+            d.join("net").join(format!("{name}.conflist")),
+            serde_json::json!({
+                "cniVersion": "0.4.0",
+                "name": name,
+                "plugins": [{
+                    "type": "bridge",
+                    "bridge": self.bridge_name(),
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": format!("{prefix}0/24")}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": d.join("ipam"),
+                    },
+                }],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        name.into()
+    }
+
+    /// The host bridge [`Podman::bridge_network`] uses.
+    fn bridge_name(&self) -> String {
+        let n = self.dir.path().file_name().unwrap().to_string_lossy();
+        let tail: String = n.chars().filter(char::is_ascii_alphanumeric).collect();
+        format!("hp{}", &tail[tail.len().saturating_sub(10)..])
+    }
+
+    /// `podman run -d --network <network>` of busybox with `args`; returns
+    /// the container id.
+    pub fn run_detached_on(&self, network: &str, args: &[&str]) -> String {
+        let cid = self.cidfile();
+        let mut full = vec!["run", "-d", "--cidfile", &cid, "--network", network];
+        full.extend_from_slice(ULIMITS);
+        full.push(IMAGE);
+        full.extend_from_slice(args);
+        self.ok(&full).trim().to_string()
+    }
+
     /// `timeout 120 podman <global flags>`, arguments to add.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new("timeout");
@@ -274,7 +320,8 @@ impl Podman {
     pub fn run_rm(&self, opts: &[&str], cmd: &[&str], stdin: &[u8]) -> (i32, String, String) {
         let cid = self.cidfile();
         let mut full = vec!["run", "--rm", "--cidfile", &cid];
-        full.extend_from_slice(RUN_FLAGS);
+        full.extend_from_slice(NO_NETWORK);
+        full.extend_from_slice(ULIMITS);
         full.extend_from_slice(opts);
         full.push(IMAGE);
         full.extend_from_slice(cmd);
@@ -285,7 +332,8 @@ impl Podman {
     pub fn run_detached(&self, args: &[&str]) -> String {
         let cid = self.cidfile();
         let mut full = vec!["run", "-d", "--cidfile", &cid];
-        full.extend_from_slice(RUN_FLAGS);
+        full.extend_from_slice(NO_NETWORK);
+        full.extend_from_slice(ULIMITS);
         full.push(IMAGE);
         full.extend_from_slice(args);
         self.ok(&full).trim().to_string()
@@ -307,7 +355,8 @@ impl Podman {
     pub fn run_tty(&self, args: &[&str]) -> (i32, String) {
         let cid = self.cidfile();
         let mut full = vec!["run", "-it", "--rm", "--cidfile", &cid];
-        full.extend_from_slice(RUN_FLAGS);
+        full.extend_from_slice(NO_NETWORK);
+        full.extend_from_slice(ULIMITS);
         full.push(IMAGE);
         full.extend_from_slice(args);
         self.in_tty(&full)
@@ -412,6 +461,10 @@ impl Drop for Podman {
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in mounts {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        let bridge = self.bridge_name();
+        if Path::new("/sys/class/net").join(&bridge).exists() {
+            let _ = Command::new("ip").args(["link", "del", &bridge]).status();
         }
     }
 }

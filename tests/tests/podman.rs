@@ -1,7 +1,7 @@
 //! podman end to end, driving an OCI runtime given by path: a private
-//! podman (own store, run root and temporary directory, overlay driver,
-//! cgroupfs, no network) runs the offline busybox image through conmon and
-//! the runtime. Each scenario runs against runc (`podman_with_runc_*`) and
+//! podman (own store, run root, temporary directory and network config,
+//! overlay driver, cgroupfs; no network, or a private CNI bridge network)
+//! runs the offline busybox image through conmon and the runtime. Each scenario runs against runc (`podman_with_runc_*`) and
 //! against this build's `husk` CLI (`podman_with_husk_*`), and ends by
 //! checking that nothing is left: no container, process, mount, runtime
 //! state or cgroup. Skips only when podman is not installed (or not root).
@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use husk_tests::podman::{wait_gone, OciRuntime, Podman};
-use husk_tests::qemu_or_skip;
+use husk_tests::{http_get, qemu_or_skip};
 
 /// Makes the given runtime for a state directory.
 type Runtime = fn(&Path) -> OciRuntime;
@@ -122,6 +122,45 @@ fn detached_exec_stop(test: &str, runtime: Runtime) {
     pm.assert_clean();
 }
 
+/// `podman run -d --network <CNI bridge network>`: podman prepares the
+/// container's network namespace (bridge plugin, host-local address); with
+/// husk the VM takes over its `eth0`. The container has the address podman
+/// reports on `eth0`, and the host fetches a file from its `httpd` at that
+/// address. The two runtimes' tests use different subnets, as they run at
+/// once.
+fn bridge_network(test: &str, runtime: Runtime) {
+    if !Path::new("/usr/lib/cni/bridge").exists() {
+        eprintln!("SKIP {test}: no CNI bridge plugin (scripts/deps.sh installs containernetworking-plugins)");
+        return;
+    }
+    let Some(pm) = Podman::new(test, runtime) else {
+        return;
+    };
+    let prefix = if test.contains("husk") {
+        "10.88.79."
+    } else {
+        "10.88.78."
+    };
+    let net = pm.bridge_network(prefix);
+    let id = pm.run_detached_on(&net, &["httpd", "-f", "-p", "8080", "-h", "/etc"]);
+    let ip = pm.inspect(
+        &id,
+        &format!("{{{{.NetworkSettings.Networks.{net}.IPAddress}}}}"),
+    );
+    assert!(ip.starts_with(prefix), "IP {ip:?}\n{}", pm.context());
+    let (code, out, err) = pm.output(
+        &["exec", &id, "ip", "-4", "-o", "addr", "show", "eth0"],
+        b"",
+    );
+    assert_eq!(code, 0, "stderr: {err}\n{}", pm.context());
+    assert!(out.contains(&format!("inet {ip}/24")), "{out}");
+    let page = http_get(&ip, 8080, "/passwd");
+    assert!(page.contains("root:x:0:0"), "{page}");
+    pm.ok(&["stop", "-t", "2", &id]);
+    pm.ok(&["rm", &id]);
+    pm.assert_clean();
+}
+
 /// One test per scenario and runtime. The husk tests skip without QEMU.
 macro_rules! podman_tests {
     ($scenario:ident, $runc:ident, $husk:ident) => {
@@ -149,4 +188,9 @@ podman_tests!(
     detached_exec_stop,
     podman_with_runc_detached_exec_stop,
     podman_with_husk_detached_exec_stop
+);
+podman_tests!(
+    bridge_network,
+    podman_with_runc_bridge_network,
+    podman_with_husk_bridge_network
 );
