@@ -12,9 +12,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{finish, husk_containerd};
+use common::{finish, husk_containerd, qemus};
 use husk_tests::containerd::{skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET_PREFIX, IMAGE};
-use husk_tests::{http_get, processes_mentioning};
+use husk_tests::http_get;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
@@ -116,18 +116,6 @@ impl Drop for RemovePodOnPanic {
             RemovePodSandboxRequest { pod_sandbox_id: id }
         );
     }
-}
-
-/// QEMU processes of this containerd's sandboxes.
-fn qemus(cd: &Containerd) -> Vec<(u32, String)> {
-    processes_mentioning(&cd.dir().display().to_string())
-        .into_iter()
-        .filter(|(_, cmd)| {
-            cmd.split(' ')
-                .next()
-                .is_some_and(|p| p.ends_with("qemu-system-x86_64"))
-        })
-        .collect()
 }
 
 fn pod_config(logs: &Path, network: NamespaceMode) -> PodSandboxConfig {

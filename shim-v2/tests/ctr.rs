@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use common::{containerd_with_busybox, finish};
+use common::{containerd_with_busybox, finish, qemus};
 use husk_tests::containerd::{skip_reason, Containerd, Events};
 use husk_tests::processes_mentioning;
 
@@ -20,19 +20,6 @@ macro_rules! skip_unless_tools {
             return;
         }
     };
-}
-
-/// QEMU processes of this containerd's sandboxes (their command lines
-/// name the run root under its directory).
-fn qemus(cd: &Containerd) -> Vec<(u32, String)> {
-    processes_mentioning(&cd.dir().display().to_string())
-        .into_iter()
-        .filter(|(_, cmd)| {
-            cmd.split(' ')
-                .next()
-                .is_some_and(|p| p.ends_with("qemu-system-x86_64"))
-        })
-        .collect()
 }
 
 /// Asserts that `want` appear in this order among `id`'s event topics.
@@ -136,15 +123,7 @@ fn ctr_run_rm_output_and_exit_codes() {
     // containerd's `delete` of the dead shim removed its socket too.
     let sock = common::shim_socket(&cd, "k1");
     assert!(!sock.exists(), "the killed shim's socket {sock:?} is left");
-
-    let left = cd.wait_for_no_processes();
-    assert!(left.is_empty(), "processes left behind: {left:?}");
-    let run = cd.dir().join("run");
-    let entries: Vec<_> = std::fs::read_dir(&run)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(entries.is_empty(), "left in {run:?}: {entries:?}");
-    cd.stop_and_check();
+    finish(cd);
 }
 
 #[test]

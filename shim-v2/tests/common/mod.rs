@@ -1,7 +1,7 @@
 //! The private containerd the shim's end-to-end tests share.
 
 use husk_tests::containerd::{Builder, Containerd, NS};
-use husk_tests::{busybox_layout, e2e_config, target_dir};
+use husk_tests::{busybox_layout, e2e_config, processes_mentioning, target_dir};
 
 /// The runtime name `ctr run --runtime` asks for.
 pub const RUNTIME: &str = "io.containerd.husk.v2";
@@ -73,4 +73,18 @@ pub fn finish(cd: Containerd) {
         .unwrap_or_default();
     assert!(entries.is_empty(), "left in {run:?}: {entries:?}");
     cd.stop_and_check();
+}
+
+#[allow(dead_code)] // not every test binary uses it
+/// QEMU processes of this containerd's sandboxes (their command lines
+/// name the run root under its directory).
+pub fn qemus(cd: &Containerd) -> Vec<(u32, String)> {
+    processes_mentioning(&cd.dir().display().to_string())
+        .into_iter()
+        .filter(|(_, cmd)| {
+            cmd.split(' ')
+                .next()
+                .is_some_and(|p| p.ends_with("qemu-system-x86_64"))
+        })
+        .collect()
 }
