@@ -270,7 +270,19 @@ fn configure_in(
 ) -> Result<(), ContainerError> {
     let sock = ioctl_socket()?;
     set_up(&sock, "lo")?;
-    for i in interfaces {
+    let rename = |from: &str, to: &str| {
+        let mut r = ifreq(from);
+        r.ifr_ifru.ifru_newname = ifreq(to).ifr_name;
+        ioctl(
+            &sock,
+            libc::SIOCSIFNAME,
+            &mut r,
+            &format!("renaming {from} to {to}"),
+        )
+    };
+    // Every device first gets a name no pod interface has, so that giving one its name never
+    // collides with another that the kernel happened to name so (eth0 and eth1 swapped).
+    for (n, i) in interfaces.iter().enumerate() {
         let dev = device_with_mac(sys_class_net, &i.mac).ok_or_else(|| {
             ContainerError::Internal(format!(
                 "no network device with MAC {:02x?} for {:?}: the VM has no NIC for it",
@@ -278,14 +290,12 @@ fn configure_in(
             ))
         })?;
         if dev != i.name {
-            let mut r = ifreq(&dev);
-            r.ifr_ifru.ifru_newname = ifreq(&i.name).ifr_name;
-            ioctl(
-                &sock,
-                libc::SIOCSIFNAME,
-                &mut r,
-                &format!("renaming {dev} to {}", i.name),
-            )?;
+            rename(&dev, &format!("husknic{n}"))?;
+        }
+    }
+    for (n, i) in interfaces.iter().enumerate() {
+        if device_with_mac(sys_class_net, &i.mac).as_deref() != Some(i.name.as_str()) {
+            rename(&format!("husknic{n}"), &i.name)?;
         }
         if i.mtu != 0 {
             let mut r = ifreq(&i.name);

@@ -25,6 +25,9 @@ use husk_protocols::agent::{NetInterface, NetRoute};
 
 use crate::error::{Error, Result};
 
+/// The end of husk's tap names (`tap0_husk`).
+const TAP_SUFFIX: &str = "_husk";
+
 /// One pod interface and the tap that carries it into the VM.
 #[derive(Debug)]
 pub struct PodInterface {
@@ -255,8 +258,10 @@ fn attach_here(netns: &Path) -> Result<PodNetwork> {
     let routes = parse_routes(&run(netns, "ip", &["-j", "-4", "route", "show"])?)
         .map_err(|e| net_err(netns, e))?;
     let mut interfaces = Vec::new();
-    for (n, i) in seen.into_iter().enumerate() {
-        let tap_name = format!("tap{n}_husk");
+    // Taps of an earlier VM of this pod, still open somewhere, are not pod interfaces.
+    let seen = seen.into_iter().filter(|i| !i.name.ends_with(TAP_SUFFIX));
+    for (n, i) in seen.enumerate() {
+        let tap_name = format!("tap{n}{TAP_SUFFIX}");
         let tap = open_tap(netns, &tap_name)?;
         let mtu = i.mtu.to_string();
         run(
