@@ -1,14 +1,15 @@
 //! The pod's network in the guest.
 //!
-//! The host hands over each interface of the pod's network namespace (name, MAC, MTU, IPv4
-//! addresses) and the routes through gateways; the VM has one virtio-net device per interface,
-//! with that interface's MAC. The agent finds each device by its MAC, renames it, sets its MTU,
-//! gives it its addresses (the first on the interface, the others as `name:N` aliases, which
-//! is what the classic ioctls offer), brings it up, then adds the routes. The request is
+//! The host hands over each interface of the pod's network namespace (name, MAC, MTU, IPv4 and
+//! global IPv6 addresses) and the routes through gateways; the VM has one virtio-net device
+//! per interface, with that interface's MAC. The agent finds each device by its MAC, renames
+//! it, sets its MTU, gives it its IPv4 addresses (the first on the interface, the others as
+//! `name:N` aliases, which is what the classic ioctls offer), brings it up, adds its IPv6
+//! addresses (`in6_ifreq`), then adds the routes (`rtentry`, `in6_rtmsg`). The request is
 //! checked whole before anything is changed, so a bad one fails clearly instead of leaving the
 //! network half set up.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
@@ -27,17 +28,19 @@ pub struct Interface {
     pub mtu: u32,
     /// IPv4 addresses with prefix lengths.
     pub addrs: Vec<(Ipv4Addr, u8)>,
+    /// IPv6 addresses with prefix lengths.
+    pub addrs6: Vec<(Ipv6Addr, u8)>,
 }
 
 /// A route through a gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     /// Destination network.
-    pub dest: Ipv4Addr,
+    pub dest: IpAddr,
     /// Its prefix length.
     pub prefix: u8,
-    /// Gateway.
-    pub gateway: Ipv4Addr,
+    /// Gateway, of the destination's family.
+    pub gateway: IpAddr,
     /// Interface name.
     pub device: String,
 }
@@ -46,16 +49,38 @@ fn invalid(what: String) -> ContainerError {
     ContainerError::InvalidArgument(what)
 }
 
-/// `a.b.c.d/len`.
-fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), ContainerError> {
-    let bad = || invalid(format!("bad IPv4 address/prefix {s:?}: use a.b.c.d/len"));
+/// `address/len`, IPv4 or IPv6.
+fn parse_cidr(s: &str) -> Result<(IpAddr, u8), ContainerError> {
+    let bad = || {
+        invalid(format!(
+            "bad address/prefix {s:?}: use a.b.c.d/len or x:y::z/len"
+        ))
+    };
     let (addr, len) = s.split_once('/').ok_or_else(bad)?;
-    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
     let len: u8 = len.parse().map_err(|_| bad())?;
-    if len > 32 {
+    if len > if addr.is_ipv4() { 32 } else { 128 } {
         return Err(bad());
     }
     Ok((addr, len))
+}
+
+/// `a.b.c.d/len`.
+fn parse_cidr4(s: &str) -> Result<(Ipv4Addr, u8), ContainerError> {
+    match parse_cidr(s)? {
+        (IpAddr::V4(a), len) => Ok((a, len)),
+        _ => Err(invalid(format!("{s:?} is not an IPv4 address/prefix"))),
+    }
+}
+
+/// `x:y::z/len`, not link-local (the kernel makes those itself).
+fn parse_cidr6(s: &str) -> Result<(Ipv6Addr, u8), ContainerError> {
+    match parse_cidr(s)? {
+        (IpAddr::V6(a), len) if a.segments()[0] & 0xffc0 != 0xfe80 => Ok((a, len)),
+        _ => Err(invalid(format!(
+            "{s:?} is not a global IPv6 address/prefix"
+        ))),
+    }
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], ContainerError> {
@@ -108,10 +133,11 @@ pub fn parse(
         if i.mtu != 0 && !(68..=65535).contains(&i.mtu) {
             return Err(invalid(format!("MTU {} of {:?}", i.mtu, i.name)));
         }
-        if i.ipv4.len() > 16 {
+        if i.ipv4.len() > 16 || i.ipv6.len() > 16 {
             return Err(invalid(format!(
-                "{} addresses on {:?}",
+                "{} IPv4 and {} IPv6 addresses on {:?}",
                 i.ipv4.len(),
+                i.ipv6.len(),
                 i.name
             )));
         }
@@ -122,7 +148,12 @@ pub fn parse(
             addrs: i
                 .ipv4
                 .iter()
-                .map(|a| parse_cidr(a))
+                .map(|a| parse_cidr4(a))
+                .collect::<Result<_, _>>()?,
+            addrs6: i
+                .ipv6
+                .iter()
+                .map(|a| parse_cidr6(a))
                 .collect::<Result<_, _>>()?,
         };
         if out
@@ -139,10 +170,16 @@ pub fn parse(
     let mut rs = Vec::new();
     for r in routes {
         let (dest, prefix) = parse_cidr(&r.destination)?;
-        let gateway: Ipv4Addr = r
+        let gateway: IpAddr = r
             .gateway
             .parse()
             .map_err(|_| invalid(format!("bad gateway {:?}", r.gateway)))?;
+        if gateway.is_ipv4() != dest.is_ipv4() {
+            return Err(invalid(format!(
+                "route to {} via {}: families differ",
+                r.destination, r.gateway
+            )));
+        }
         if !out.iter().any(|i| i.name == r.device) {
             return Err(invalid(format!(
                 "route to {} via unknown interface {:?}",
@@ -177,12 +214,12 @@ fn device_with_mac(sys_class_net: &Path, mac: &[u8; 6]) -> Option<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
 }
 
-/// An `AF_INET` datagram socket for the interface ioctls.
-fn ioctl_socket() -> Result<OwnedFd, ContainerError> {
+/// A datagram socket of `family` (`AF_INET`, `AF_INET6`) for the interface ioctls.
+fn ioctl_socket(family: libc::c_int) -> Result<OwnedFd, ContainerError> {
     // SAFETY: plain socket(2); the result is checked before it is owned.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(os_error("socket(AF_INET)"));
+        return Err(os_error(&format!("socket(family {family})")));
     }
     // SAFETY: `fd` is a new descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -223,15 +260,17 @@ fn netmask(prefix: u8) -> Ipv4Addr {
     Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0))
 }
 
-/// One interface ioctl on `sock`.
-fn ioctl(
+/// One ioctl on `sock` whose argument is a `T`: callers pair each request with its struct
+/// (`ifreq`, `in6_ifreq`, `rtentry`, [`In6Rtmsg`]).
+fn ioctl<T>(
     sock: &OwnedFd,
     req: libc::c_ulong,
-    r: &mut libc::ifreq,
+    r: &mut T,
     what: &str,
 ) -> Result<(), ContainerError> {
-    // SAFETY: every request used here reads or writes one `struct ifreq`, which `r` is.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), req as _, r as *mut libc::ifreq) };
+    // SAFETY: every request used here reads or writes one struct of the type its caller
+    // passes, and `r` is a valid, exclusive pointer to one.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), req as _, r as *mut T) };
     if rc < 0 {
         return Err(os_error(what));
     }
@@ -268,7 +307,14 @@ fn configure_in(
     interfaces: &[Interface],
     routes: &[Route],
 ) -> Result<(), ContainerError> {
-    let sock = ioctl_socket()?;
+    let sock = ioctl_socket(libc::AF_INET)?;
+    let wants_v6 =
+        interfaces.iter().any(|i| !i.addrs6.is_empty()) || routes.iter().any(|r| r.dest.is_ipv6());
+    let sock6 = if wants_v6 {
+        Some(ioctl_socket(libc::AF_INET6)?)
+    } else {
+        None
+    };
     set_up(&sock, "lo")?;
     let rename = |from: &str, to: &str| {
         let mut r = ifreq(from);
@@ -331,21 +377,103 @@ fn configure_in(
             )?;
         }
         set_up(&sock, &i.name)?;
+        if let Some(sock6) = &sock6 {
+            let index = ifindex(&sock, &i.name)?;
+            for (addr, prefix) in &i.addrs6 {
+                let mut r = libc::in6_ifreq {
+                    ifr6_addr: in6_addr(*addr),
+                    ifr6_prefixlen: u32::from(*prefix),
+                    ifr6_ifindex: index,
+                };
+                ioctl(
+                    sock6,
+                    libc::SIOCSIFADDR,
+                    &mut r,
+                    &format!("address {addr}/{prefix} on {}", i.name),
+                )?;
+            }
+        }
     }
     for r in routes {
-        add_route(&sock, r)?;
+        match (r.dest, r.gateway, &sock6) {
+            (IpAddr::V4(dest), IpAddr::V4(gateway), _) => {
+                add_route(&sock, dest, r.prefix, gateway, &r.device)?
+            }
+            (IpAddr::V6(dest), IpAddr::V6(gateway), Some(sock6)) => {
+                let mut m = In6Rtmsg {
+                    dst: in6_addr(dest),
+                    src: in6_addr(Ipv6Addr::UNSPECIFIED),
+                    gateway: in6_addr(gateway),
+                    rtype: 0,
+                    dst_len: u16::from(r.prefix),
+                    src_len: 0,
+                    metric: 1,
+                    info: 0,
+                    flags: u32::from(libc::RTF_UP | libc::RTF_GATEWAY),
+                    ifindex: ifindex(&sock, &r.device)?,
+                };
+                ioctl(
+                    sock6,
+                    libc::SIOCADDRT,
+                    &mut m,
+                    &format!("route {dest}/{} via {gateway} dev {}", r.prefix, r.device),
+                )?;
+            }
+            _ => unreachable!("parse() checked each route's families"),
+        }
     }
     Ok(())
 }
 
-fn add_route(sock: &OwnedFd, r: &Route) -> Result<(), ContainerError> {
-    let mut dev: Vec<libc::c_char> = r.device.bytes().map(|b| b as libc::c_char).collect();
+/// The kernel's `struct in6_rtmsg` (linux/ipv6_route.h), the argument of SIOCADDRT on an
+/// `AF_INET6` socket (libc declares it with private fields).
+#[repr(C)]
+struct In6Rtmsg {
+    dst: libc::in6_addr,
+    src: libc::in6_addr,
+    gateway: libc::in6_addr,
+    rtype: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+fn in6_addr(a: Ipv6Addr) -> libc::in6_addr {
+    libc::in6_addr {
+        s6_addr: a.octets(),
+    }
+}
+
+/// The index of interface `name`.
+fn ifindex(sock: &OwnedFd, name: &str) -> Result<libc::c_int, ContainerError> {
+    let mut r = ifreq(name);
+    ioctl(
+        sock,
+        libc::SIOCGIFINDEX,
+        &mut r,
+        &format!("index of {name}"),
+    )?;
+    // SAFETY: SIOCGIFINDEX filled the index member of the union.
+    Ok(unsafe { r.ifr_ifru.ifru_ifindex })
+}
+
+fn add_route(
+    sock: &OwnedFd,
+    dest: Ipv4Addr,
+    prefix: u8,
+    gateway: Ipv4Addr,
+    device: &str,
+) -> Result<(), ContainerError> {
+    let mut dev: Vec<libc::c_char> = device.bytes().map(|b| b as libc::c_char).collect();
     dev.push(0);
     // SAFETY: rtentry is plain data plus a device-name pointer; all zeros is valid.
     let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-    rt.rt_dst = sockaddr_in(r.dest);
-    rt.rt_genmask = sockaddr_in(netmask(r.prefix));
-    rt.rt_gateway = sockaddr_in(r.gateway);
+    rt.rt_dst = sockaddr_in(dest);
+    rt.rt_genmask = sockaddr_in(netmask(prefix));
+    rt.rt_gateway = sockaddr_in(gateway);
     rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
     rt.rt_dev = dev.as_mut_ptr();
     // SAFETY: SIOCADDRT reads one `struct rtentry`; `rt_dev` points at `dev`, a NUL-terminated
@@ -360,7 +488,7 @@ fn add_route(sock: &OwnedFd, r: &Route) -> Result<(), ContainerError> {
     if rc < 0 {
         return Err(os_error(&format!(
             "route {}/{} via {} dev {}",
-            r.dest, r.prefix, r.gateway, r.device
+            dest, prefix, gateway, device
         )));
     }
     Ok(())
@@ -430,6 +558,32 @@ mod tests {
         let mut huge = ok;
         huge.mtu = 10;
         assert!(parse(&[huge], &[]).is_err());
+    }
+
+    #[test]
+    fn ipv6_addresses_and_routes_parse_and_mixed_families_do_not() {
+        let mut i = iface("eth0", "0a:58:0a:58:4d:02", &["10.88.77.2/24"]);
+        i.ipv6 = vec!["fd00:88:77::2/64".into()];
+        let (ifs, rs) = parse(
+            std::slice::from_ref(&i),
+            &[
+                route("0.0.0.0/0", "10.88.77.1", "eth0"),
+                route("::/0", "fd00:88:77::1", "eth0"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(ifs[0].addrs6, vec![("fd00:88:77::2".parse().unwrap(), 64)]);
+        assert_eq!(rs[1].gateway, "fd00:88:77::1".parse::<IpAddr>().unwrap());
+        assert!(parse(&[i.clone()], &[route("::/0", "10.88.77.1", "eth0")]).is_err());
+        let mut link_local = i.clone();
+        link_local.ipv6 = vec!["fe80::858:aff:fe58:4d02/64".into()];
+        assert!(
+            parse(&[link_local], &[]).is_err(),
+            "the kernel makes link-local addresses"
+        );
+        let mut too_long = i;
+        too_long.ipv6 = vec!["fd00::2/129".into()];
+        assert!(parse(&[too_long], &[]).is_err());
     }
 
     #[test]

@@ -9,13 +9,12 @@
 //!   opened by husk; QEMU's virtio-net device takes the tap's fd and the interface's MAC;
 //! - tc ingress filters redirect every frame from the interface to the tap and back (`mirred`),
 //!   so the namespace's own stack never sees the pod's traffic, though it keeps its addresses;
-//! - the guest agent gives the virtio-net device the interface's name, MTU and IPv4 addresses,
-//!   and adds the IPv4 routes through gateways (`CreateSandbox`).
+//! - the guest agent gives the virtio-net device the interface's name, MTU, IPv4 and global
+//!   IPv6 addresses, and adds the routes through gateways (`CreateSandbox`).
 //!
 //! Nothing is left on the host: the taps go when the last fd (QEMU's) closes, the filters with
 //! the namespace, which its owner removes. The namespace is read with `ip -j` and changed with
-//! `ip` and `tc` (iproute2), run from a thread that entered it. IPv6 addresses are not carried
-//! yet.
+//! `ip` and `tc` (iproute2), run from a thread that entered it.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -39,16 +38,18 @@ pub struct PodInterface {
     pub mtu: u32,
     /// Its IPv4 addresses, `a.b.c.d/len`.
     pub ipv4: Vec<String>,
+    /// Its global IPv6 addresses, `x:y::z/len` (link-local ones the guest makes itself).
+    pub ipv6: Vec<String>,
     /// The tap device's name in the namespace.
     pub tap_name: String,
     /// The open tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR), for QEMU's `-netdev tap,fd=`.
     pub tap: OwnedFd,
 }
 
-/// An IPv4 route through a gateway.
+/// A route through a gateway, IPv4 or IPv6.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRoute {
-    /// Destination, `a.b.c.d/len` (`0.0.0.0/0` for the default route).
+    /// Destination with prefix length (`0.0.0.0/0`, `::/0` for the default routes).
     pub destination: String,
     /// Gateway address.
     pub gateway: String,
@@ -110,6 +111,7 @@ impl PodNetwork {
                 n.mac = i.mac.clone();
                 n.mtu = i.mtu;
                 n.ipv4 = i.ipv4.clone();
+                n.ipv6 = i.ipv6.clone();
                 n
             })
             .collect();
@@ -154,6 +156,7 @@ struct SeenInterface {
     mac: String,
     mtu: u32,
     ipv4: Vec<String>,
+    ipv6: Vec<String>,
 }
 
 /// The interfaces worth carrying from `ip -j addr show`: those with an Ethernet MAC.
@@ -170,27 +173,33 @@ fn parse_addrs(json: &str) -> std::result::Result<Vec<SeenInterface>, String> {
         if name.is_empty() || mac.len() != 17 {
             return Err(format!("interface without a name or MAC: {i}"));
         }
-        let ipv4 = i["addr_info"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|x| x["family"] == "inet")
-                    .filter_map(|x| Some(format!("{}/{}", x["local"].as_str()?, x["prefixlen"])))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let addrs = |family: &str| -> Vec<String> {
+            i["addr_info"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|x| x["family"] == family && x["scope"] != "link")
+                        .filter_map(|x| {
+                            Some(format!("{}/{}", x["local"].as_str()?, x["prefixlen"]))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         out.push(SeenInterface {
             name,
             mac,
             mtu: i["mtu"].as_u64().unwrap_or(0) as u32,
-            ipv4,
+            ipv4: addrs("inet"),
+            ipv6: addrs("inet6"),
         });
     }
     Ok(out)
 }
 
-/// The routes through a gateway from `ip -j -4 route show`.
-fn parse_routes(json: &str) -> std::result::Result<Vec<PodRoute>, String> {
+/// The routes through a gateway from `ip -j -4 route show` or `ip -j -6 route show`
+/// (`v6`: which one, for how the default route is written).
+fn parse_routes(json: &str, v6: bool) -> std::result::Result<Vec<PodRoute>, String> {
     let v: serde_json::Value =
         serde_json::from_str(json).map_err(|e| format!("`ip -j route` gave bad JSON: {e}"))?;
     let mut out = Vec::new();
@@ -201,8 +210,10 @@ fn parse_routes(json: &str) -> std::result::Result<Vec<PodRoute>, String> {
             continue;
         };
         let destination = match dst {
+            "default" if v6 => "::/0".to_string(),
             "default" => "0.0.0.0/0".to_string(),
             d if d.contains('/') => d.to_string(),
+            d if v6 => format!("{d}/128"),
             d => format!("{d}/32"),
         };
         out.push(PodRoute {
@@ -255,8 +266,12 @@ fn open_tap(netns: &Path, name: &str) -> Result<OwnedFd> {
 fn attach_here(netns: &Path) -> Result<PodNetwork> {
     let seen =
         parse_addrs(&run(netns, "ip", &["-j", "addr", "show"])?).map_err(|e| net_err(netns, e))?;
-    let routes = parse_routes(&run(netns, "ip", &["-j", "-4", "route", "show"])?)
+    let mut routes = parse_routes(&run(netns, "ip", &["-j", "-4", "route", "show"])?, false)
         .map_err(|e| net_err(netns, e))?;
+    // A namespace without IPv6 (disabled on the host) has no IPv6 routes to read.
+    if let Ok(json) = run(netns, "ip", &["-j", "-6", "route", "show"]) {
+        routes.extend(parse_routes(&json, true).map_err(|e| net_err(netns, e))?);
+    }
     let mut interfaces = Vec::new();
     // Taps of an earlier VM of this pod, still open somewhere, are not pod interfaces.
     let seen = seen.into_iter().filter(|i| !i.name.ends_with(TAP_SUFFIX));
@@ -285,6 +300,7 @@ fn attach_here(netns: &Path) -> Result<PodNetwork> {
             mac: i.mac,
             mtu: i.mtu,
             ipv4: i.ipv4,
+            ipv6: i.ipv6,
             tap_name,
             tap,
         });
@@ -320,7 +336,8 @@ mod tests {
           {"ifindex":3,"link_index":5,"ifname":"eth0","mtu":1450,"link_type":"ether",
            "address":"0a:58:0a:58:4d:02","addr_info":[
              {"family":"inet","local":"10.88.77.2","prefixlen":24},
-             {"family":"inet6","local":"fe80::858:aff:fe58:4d02","prefixlen":64}]}]"#;
+             {"family":"inet6","local":"fd00:88:77::2","prefixlen":64,"scope":"global"},
+             {"family":"inet6","local":"fe80::858:aff:fe58:4d02","prefixlen":64,"scope":"link"}]}]"#;
         let seen = parse_addrs(addrs).unwrap();
         assert_eq!(
             seen,
@@ -329,6 +346,7 @@ mod tests {
                 mac: "0a:58:0a:58:4d:02".into(),
                 mtu: 1450,
                 ipv4: vec!["10.88.77.2/24".into()],
+                ipv6: vec!["fd00:88:77::2/64".into()],
             }]
         );
         let routes = r#"[
@@ -336,7 +354,7 @@ mod tests {
           {"dst":"10.88.77.0/24","dev":"eth0","protocol":"kernel","scope":"link","prefsrc":"10.88.77.2"},
           {"dst":"10.96.0.10","gateway":"10.88.77.1","dev":"eth0"}]"#;
         assert_eq!(
-            parse_routes(routes).unwrap(),
+            parse_routes(routes, false).unwrap(),
             vec![
                 PodRoute {
                     destination: "0.0.0.0/0".into(),
@@ -349,6 +367,17 @@ mod tests {
                     device: "eth0".into()
                 },
             ]
+        );
+        let routes6 = r#"[
+          {"dst":"fd00:88:77::/64","dev":"eth0","protocol":"kernel","metric":256},
+          {"dst":"default","gateway":"fd00:88:77::1","dev":"eth0","metric":1024}]"#;
+        assert_eq!(
+            parse_routes(routes6, true).unwrap(),
+            vec![PodRoute {
+                destination: "::/0".into(),
+                gateway: "fd00:88:77::1".into(),
+                device: "eth0".into()
+            }]
         );
         assert!(parse_addrs("nope").is_err());
         assert!(parse_addrs(r#"[{"link_type":"ether","ifname":"x","address":"1"}]"#).is_err());

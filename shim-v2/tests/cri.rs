@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{finish, husk_containerd, qemus};
-use husk_tests::containerd::{skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET_PREFIX, IMAGE};
+use husk_tests::containerd::{
+    skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET6_PREFIX, CRI_SUBNET_PREFIX, IMAGE,
+};
 use husk_tests::http_get;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
@@ -249,9 +251,19 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     .unwrap();
     assert_eq!(status.state, PodSandboxState::SandboxReady as i32);
     assert_eq!(status.runtime_handler, HANDLER);
-    let pod_ip = status.network.map(|n| n.ip).unwrap_or_default();
+    let network_status = status.network.unwrap_or_default();
+    let pod_ip = network_status.ip.clone();
+    let pod_ip6 = network_status
+        .additional_ips
+        .first()
+        .map(|i| i.ip.clone())
+        .unwrap_or_default();
     if pod_net {
         assert!(pod_ip.starts_with(CRI_SUBNET_PREFIX), "pod IP {pod_ip:?}");
+        assert!(
+            pod_ip6.starts_with(CRI_SUBNET6_PREFIX),
+            "pod IPv6 {network_status:?}"
+        );
     }
 
     let mut create_and_start = |name: &str, script: &str| -> String {
@@ -326,17 +338,29 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     );
 
     if pod_net {
-        // The container has the pod's address on eth0, and the pod's default route.
-        let (_, out, _) = exec_sync(&mut cri, &c1, "ip -4 -o addr show eth0; ip route", &cd);
+        // The container has the pod's addresses on eth0, and the pod's default routes.
+        let (_, out, _) = exec_sync(
+            &mut cri,
+            &c1,
+            "ip -o addr show eth0; ip route; ip -6 route",
+            &cd,
+        );
         assert!(out.contains(&format!("inet {pod_ip}/24")), "{out}");
+        assert!(out.contains(&format!("inet6 {pod_ip6}/64")), "{out}");
         assert!(
             out.contains(&format!("default via {CRI_SUBNET_PREFIX}1 dev eth0")),
             "{out}"
         );
-        // The host reaches the pod's server at the pod's IP, through the bridge, the veth,
+        assert!(
+            out.contains(&format!("default via {CRI_SUBNET6_PREFIX}1 dev eth0")),
+            "{out}"
+        );
+        // The host reaches the pod's server at the pod's IPs, through the bridge, the veth,
         // the tap and the VM's virtio-net device.
-        let page = http_get(&pod_ip, 8080, "/passwd");
-        assert!(page.contains("root:x:0:0"), "{page}");
+        for ip in [&pod_ip, &pod_ip6] {
+            let page = http_get(ip, 8080, "/passwd");
+            assert!(page.contains("root:x:0:0"), "{ip}: {page}");
+        }
     }
 
     // The kubelet's teardown.

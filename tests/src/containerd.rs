@@ -27,6 +27,9 @@ pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// The CRI pods' subnet, `10.88.77.0/24`, as the prefix of its addresses;
 /// the host bridge is `.1`.
 pub const CRI_SUBNET_PREFIX: &str = "10.88.77.";
+/// The CRI pods' IPv6 subnet, `fd00:88:77::/64` (dual stack), as the
+/// prefix of its addresses; the host bridge is `::1`.
+pub const CRI_SUBNET6_PREFIX: &str = "fd00:88:77::";
 /// The namespace of containerd's CRI plugin.
 pub const CRI_NS: &str = "k8s.io";
 /// The CRI sandbox ("pause") image: busybox whose command is a long sleep,
@@ -102,6 +105,7 @@ impl Builder {
     /// [`PAUSE_IMAGE`] as the sandbox image and one CNI network: the
     /// bridge plugin on a bridge named after the temporary directory (the
     /// host is its gateway) with addresses from `CRI_SUBNET_PREFIX.0/24`
+    /// and `CRI_SUBNET6_PREFIX/64`
     /// (plugins from [`CNI_BIN_DIR`]; one such network at a time, the
     /// subnet is fixed). The bridge is deleted when containerd stops. `ctr`
     /// then works in the CRI's namespace, `k8s.io`.
@@ -143,8 +147,11 @@ impl Builder {
                         "ipMasq": false,
                         "ipam": {
                             "type": "host-local",
-                            "ranges": [[{"subnet": format!("{CRI_SUBNET_PREFIX}0/24")}]],
-                            "routes": [{"dst": "0.0.0.0/0"}],
+                            "ranges": [
+                                [{"subnet": format!("{CRI_SUBNET_PREFIX}0/24")}],
+                                [{"subnet": format!("{CRI_SUBNET6_PREFIX}/64")}],
+                            ],
+                            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
                             "dataDir": d.join("cni/ipam"),
                         },
                     }],

@@ -332,14 +332,15 @@ impl Pod {
     }
 }
 
-/// GET `path` from `ip:port` (HTTP/1.0), retrying until a server answers; the whole answer.
+/// GET `path` from `ip:port` (HTTP/1.0; `ip` IPv4 or IPv6), retrying until a server answers;
+/// the whole answer.
 pub fn http_get(ip: &str, port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let answer = std::net::TcpStream::connect_timeout(
-            &format!("{ip}:{port}").parse().unwrap(),
+            &std::net::SocketAddr::new(ip.parse().expect("an IP address"), port),
             Duration::from_secs(2),
         )
         .and_then(|mut s| {
