@@ -117,7 +117,8 @@ impl RuntimeConfig {
         match self.backend {
             // husk-vmm serves the shared directory through virtiofsd as
             // QEMU does, so auto picks it where it runs, except for pods with
-            // a network namespace: husk-vmm has no virtio-net device yet.
+            // a network namespace that has interfaces (husk-vmm has no
+            // virtio-net device yet; Sandbox::start clears a loopback-only one).
             BackendSetting::Auto => Ok(choose_backend(
                 &host.kvm,
                 self.husk_vmm().is_ok() && self.network_namespace.is_none(),

@@ -79,7 +79,19 @@ impl Sandbox {
     pub fn start(cfg: &RuntimeConfig, host: &HostProbe, id: &str) -> Result<Sandbox> {
         let t0 = Instant::now();
         validate_id(id)?;
-        let hv = cfg.hypervisor(host)?;
+        // The pod's network namespace: a tap per interface, before the VM needs them. One with
+        // loopback only (podman's `--network none`) needs no NIC, and then any backend does.
+        let network = match &cfg.network_namespace {
+            Some(ns) => PodNetwork::attach(ns)?,
+            None => PodNetwork::default(),
+        };
+        let hv = if network.interfaces.is_empty() && cfg.network_namespace.is_some() {
+            let mut c = cfg.clone();
+            c.network_namespace = None;
+            c.hypervisor(host)?
+        } else {
+            cfg.hypervisor(host)?
+        };
         std::fs::create_dir_all(&cfg.run_root)
             .map_err(|e| Error::io(format!("creating run root {:?}", cfg.run_root), e))?;
         let dir = cfg.run_root.join(id);
@@ -97,11 +109,6 @@ impl Sandbox {
             None
         };
 
-        // The pod's network namespace: a tap per interface, before the VM needs them.
-        let network = match &cfg.network_namespace {
-            Some(ns) => PodNetwork::attach(ns)?,
-            None => PodNetwork::default(),
-        };
         let mut cmdline = KernelCmdline::husk_default();
         cmdline.extend_raw(&cfg.kernel_params)?;
         let console_log = dir.join("console.log");
