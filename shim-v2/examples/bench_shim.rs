@@ -9,23 +9,13 @@
 //! rootfs, container create/start/exit/delete), from the shim's own log
 //! lines. Run by `bench/shim [runs]` (release build).
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use husk_runtime::host::which;
 use husk_tests::containerd::{Containerd, IMAGE};
 
-/// (median, p90) of `v`, ms.
-fn stats(v: &[f64]) -> (f64, f64) {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let p90 = ((v.len() as f64 * 0.9).ceil() as usize).clamp(1, v.len()) - 1;
-    (v[v.len() / 2], v[p90])
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
+mod bench_common;
+use bench_common::{ms, runs_arg, start_with_release_shim, stats};
 
 /// The number in the shim's log line `sandbox <id> <what> in <n> ms`.
 fn shim_ms(log: &str, id: &str, what: &str) -> Option<f64> {
@@ -42,35 +32,15 @@ struct Runtime {
 }
 
 fn main() -> anyhow::Result<()> {
-    let runs: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(10)
-        .max(1);
-    let release: PathBuf = husk_tests::workspace_root().join("target/release");
-    let layout = husk_tests::busybox_layout();
+    let runs = runs_arg()?;
     let b = Containerd::builder();
-    let config = b.dir().join("husk.toml");
-    std::fs::write(&config, "# defaults\n")?;
     // gVisor's netstack needs a network the private containerd does not
     // set up: no network, through its shim's config or a wrapper.
     let runsc_config = b.dir().join("runsc.toml");
     std::fs::write(&runsc_config, "[runsc_config]\n  network = \"none\"\n")?;
     let runsc_wrapper = b.dir().join("runsc-none");
     let runsc_root = b.dir().join("runsc-root");
-    let run = b.dir().join("run");
-    let mut b = b
-        .shim(release.join("containerd-shim-husk-v2"))
-        .env("HUSK_CONFIG", &config)
-        .env("HUSK_RUN_DIR", &run);
-    for var in ["HUSK_KERNEL", "HUSK_INITRAMFS"] {
-        if let Some(v) = std::env::var_os(var) {
-            b = b.env(var, v);
-        }
-    }
-    let cd = b.start();
-    cd.import_busybox(&layout);
+    let cd = start_with_release_shim(b)?;
 
     let mut runtimes = vec![
         Runtime {

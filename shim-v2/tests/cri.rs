@@ -14,69 +14,22 @@ use std::time::{Duration, Instant};
 
 use common::{finish, husk_containerd, qemus};
 use husk_tests::containerd::{
-    skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET6_PREFIX, CRI_SUBNET_PREFIX, IMAGE,
+    skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET6_PREFIX, CRI_SUBNET_PREFIX,
 };
-use husk_tests::http_get;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ImageSpec, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+use husk_tests::cri::v1::{
+    CreateContainerRequest, ExecSyncRequest, ListPodSandboxRequest, NamespaceMode, PodSandboxState,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
+use husk_tests::cri::{container_config, pod_config, Cri};
+use husk_tests::{cri_call, http_get};
 
 /// The runtime handler (containerd's `runtimes.husk`, a RuntimeClass's `handler`).
 const HANDLER: &str = "husk";
 
-/// A CRI client on containerd's socket, driven synchronously.
-struct Cri {
-    rt: tokio::runtime::Runtime,
-    client: RuntimeServiceClient<Channel>,
-}
-
-/// One CRI call, blocking; the reply or the gRPC status.
-macro_rules! cri {
-    ($c:expr, $method:ident, $req:expr) => {
-        $c.rt
-            .block_on($c.client.$method($req))
-            .map(|r| r.into_inner())
-    };
-}
-
-impl Cri {
-    fn connect(sock: &Path) -> Cri {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let sock = sock.to_path_buf();
-        let channel = rt
-            .block_on(
-                // The URI is a placeholder: the connector dials the Unix socket.
-                Endpoint::from_static("http://[::]:50051").connect_with_connector(
-                    tower::service_fn(move |_: Uri| {
-                        let sock = sock.clone();
-                        async move {
-                            let s = tokio::net::UnixStream::connect(sock).await?;
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                        }
-                    }),
-                ),
-            )
-            .expect("connecting to containerd's CRI service");
-        Cri {
-            rt,
-            client: RuntimeServiceClient::new(channel),
-        }
-    }
-}
-
 /// ExecSync of `sh -c script` in container `id`: (exit code, stdout, stderr).
 fn exec_sync(cri: &mut Cri, id: &str, script: &str, cd: &Containerd) -> (i32, String, String) {
-    let r = cri!(
+    let r = cri_call!(
         cri,
         exec_sync,
         ExecSyncRequest {
@@ -105,63 +58,18 @@ impl Drop for RemovePodOnPanic {
         }
         let mut cri = Cri::connect(&self.sock);
         let id = self.id.clone();
-        let _ = cri!(
+        let _ = cri_call!(
             cri,
             stop_pod_sandbox,
             StopPodSandboxRequest {
                 pod_sandbox_id: id.clone()
             }
         );
-        let _ = cri!(
+        let _ = cri_call!(
             cri,
             remove_pod_sandbox,
             RemovePodSandboxRequest { pod_sandbox_id: id }
         );
-    }
-}
-
-fn pod_config(logs: &Path, network: NamespaceMode) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "husk-pod".into(),
-            uid: "a6d3b1f0-husk-pod".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        // The kubelet leaves the hostname out for pods on the node's network.
-        hostname: if network == NamespaceMode::Node {
-            String::new()
-        } else {
-            "husk-pod".into()
-        },
-        log_directory: logs.display().to_string(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: network as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn container_config(name: &str, script: &str) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        log_path: format!("{name}.log"),
-        ..Default::default()
     }
 }
 
@@ -216,15 +124,15 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     }
     let cd = husk_containerd(|b| b.cri());
     let mut cri = Cri::connect(cd.address());
-    let v = cri!(cri, version, VersionRequest::default())
+    let v = cri_call!(cri, version, VersionRequest::default())
         .unwrap_or_else(|e| panic!("CRI Version: {e}\n{}", cd.log()));
     assert_eq!(v.runtime_name, "containerd", "{v:?}");
 
     let logs = cd.dir().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let pod = pod_config(&logs, network);
+    let pod = pod_config("husk-pod", &logs, network);
     let pod_net = network == NamespaceMode::Pod;
-    let pod_id = cri!(
+    let pod_id = cri_call!(
         cri,
         run_pod_sandbox,
         RunPodSandboxRequest {
@@ -238,7 +146,7 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         sock: cd.address().to_path_buf(),
         id: pod_id.clone(),
     };
-    let status = cri!(
+    let status = cri_call!(
         cri,
         pod_sandbox_status,
         PodSandboxStatusRequest {
@@ -267,7 +175,7 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     }
 
     let mut create_and_start = |name: &str, script: &str| -> String {
-        let id = cri!(
+        let id = cri_call!(
             cri,
             create_container,
             CreateContainerRequest {
@@ -278,7 +186,7 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         )
         .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", cd.log()))
         .container_id;
-        cri!(
+        cri_call!(
             cri,
             start_container,
             StartContainerRequest {
@@ -305,25 +213,7 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
 
     // c2 ended with its own exit code.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let c2_status = loop {
-        let s = cri!(
-            cri,
-            container_status,
-            ContainerStatusRequest {
-                container_id: c2.clone(),
-                verbose: false,
-            }
-        )
-        .unwrap()
-        .status
-        .unwrap();
-        if s.state == ContainerState::ContainerExited as i32 {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "c2 still {s:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let c2_status = cri.wait_exited(&c2, Duration::from_secs(60));
     assert_eq!(c2_status.exit_code, 3, "{c2_status:?}");
 
     // ExecSync: the kubelet's exec probes and `kubectl exec` without a tty.
@@ -364,7 +254,7 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     }
 
     // The kubelet's teardown.
-    cri!(
+    cri_call!(
         cri,
         stop_container,
         StopContainerRequest {
@@ -374,7 +264,7 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     )
     .unwrap_or_else(|e| panic!("StopContainer: {e}\n{}", cd.log()));
     for id in [&c1, &c2] {
-        cri!(
+        cri_call!(
             cri,
             remove_container,
             RemoveContainerRequest {
@@ -383,7 +273,7 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         )
         .unwrap_or_else(|e| panic!("RemoveContainer: {e}\n{}", cd.log()));
     }
-    cri!(
+    cri_call!(
         cri,
         stop_pod_sandbox,
         StopPodSandboxRequest {
@@ -391,7 +281,7 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         }
     )
     .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", cd.log()));
-    cri!(
+    cri_call!(
         cri,
         remove_pod_sandbox,
         RemovePodSandboxRequest {
@@ -399,7 +289,7 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         }
     )
     .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", cd.log()));
-    let pods = cri!(cri, list_pod_sandbox, ListPodSandboxRequest::default())
+    let pods = cri_call!(cri, list_pod_sandbox, ListPodSandboxRequest::default())
         .unwrap()
         .items;
     assert!(pods.is_empty(), "{pods:?}");

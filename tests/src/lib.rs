@@ -18,6 +18,7 @@ use husk_runtime::host::HostProbe;
 use husk_runtime::{Sandbox, Stdio};
 
 pub mod containerd;
+pub mod cri;
 pub mod podman;
 pub mod pty;
 
