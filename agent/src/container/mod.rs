@@ -9,6 +9,7 @@
 
 pub mod cgroup;
 pub mod executor;
+mod forked;
 pub mod procs;
 pub mod stdio;
 pub mod sysctl;
@@ -164,7 +165,7 @@ fn with_stdio(
                 .with_stdin(child.stdin)
                 .with_stdout(child.stdout)
                 .with_stderr(child.stderr);
-            let pid = build(b).map_err(ContainerError::Internal)?;
+            let pid = forked::run_in_forked_child(|| build(b)).map_err(ContainerError::Internal)?;
             Ok((pid, io))
         }
         Wiring::Terminal(listener, path) => {
@@ -174,7 +175,7 @@ fn with_stdio(
             let t = std::thread::spawn(move || {
                 let _ = tx.send(stdio::receive_pty_master(&l, PTY_TIMEOUT));
             });
-            let res = build(b);
+            let res = forked::run_in_forked_child(|| build(b));
             let master = rx
                 .recv()
                 .map_err(|e| ContainerError::Internal(e.to_string()))?;
