@@ -163,6 +163,9 @@ impl Builder {
                 r#"disabled_plugins = []
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
+  # This host refuses negative oom_score_adj (the pause container's -998),
+  # which runc then fails on; husk applies it inside the VM.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{cni}/net.d"
