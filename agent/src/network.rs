@@ -328,6 +328,7 @@ fn configure_in(
     };
     // Every device first gets a name no pod interface has, so that giving one its name never
     // collides with another that the kernel happened to name so (eth0 and eth1 swapped).
+    let mut renamed = Vec::with_capacity(interfaces.len());
     for (n, i) in interfaces.iter().enumerate() {
         let dev = device_with_mac(sys_class_net, &i.mac).ok_or_else(|| {
             ContainerError::Internal(format!(
@@ -335,12 +336,14 @@ fn configure_in(
                 i.mac, i.name
             ))
         })?;
-        if dev != i.name {
+        let rename_it = dev != i.name;
+        if rename_it {
             rename(&dev, &format!("husknic{n}"))?;
         }
+        renamed.push(rename_it);
     }
-    for (n, i) in interfaces.iter().enumerate() {
-        if device_with_mac(sys_class_net, &i.mac).as_deref() != Some(i.name.as_str()) {
+    for (n, (i, renamed)) in interfaces.iter().zip(renamed).enumerate() {
+        if renamed {
             rename(&format!("husknic{n}"), &i.name)?;
         }
         if i.mtu != 0 {
@@ -476,22 +479,13 @@ fn add_route(
     rt.rt_gateway = sockaddr_in(gateway);
     rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
     rt.rt_dev = dev.as_mut_ptr();
-    // SAFETY: SIOCADDRT reads one `struct rtentry`; `rt_dev` points at `dev`, a NUL-terminated
-    // name that outlives the call.
-    let rc = unsafe {
-        libc::ioctl(
-            sock.as_raw_fd(),
-            libc::SIOCADDRT as _,
-            &mut rt as *mut libc::rtentry,
-        )
-    };
-    if rc < 0 {
-        return Err(os_error(&format!(
-            "route {}/{} via {} dev {}",
-            dest, prefix, gateway, device
-        )));
-    }
-    Ok(())
+    // `rt_dev` points at `dev`, a NUL-terminated name that outlives the call.
+    ioctl(
+        sock,
+        libc::SIOCADDRT,
+        &mut rt,
+        &format!("route {dest}/{prefix} via {gateway} dev {device}"),
+    )
 }
 
 #[cfg(test)]

@@ -112,16 +112,16 @@ impl RuntimeConfig {
         })
     }
 
-    /// Which backend this config gets on this host, and why.
-    pub fn backend_choice(&self, host: &HostProbe) -> Result<BackendChoice> {
+    /// Which backend this config gets on this host for a VM with NICs (`with_nics`: the pod's
+    /// network namespace has interfaces) or without, and why.
+    pub fn backend_choice(&self, host: &HostProbe, with_nics: bool) -> Result<BackendChoice> {
         match self.backend {
             // husk-vmm serves the shared directory through virtiofsd as
-            // QEMU does, so auto picks it where it runs, except for pods with
-            // a network namespace that has interfaces (husk-vmm has no
-            // virtio-net device yet; Sandbox::start clears a loopback-only one).
+            // QEMU does, so auto picks it where it runs, except for VMs with
+            // NICs: husk-vmm has no virtio-net device yet.
             BackendSetting::Auto => Ok(choose_backend(
                 &host.kvm,
-                self.husk_vmm().is_ok() && self.network_namespace.is_none(),
+                self.husk_vmm().is_ok() && !with_nics,
             )),
             BackendSetting::Fixed(BackendKind::HuskVmm) if !host.kvm.runs_linux() => {
                 Err(Error::BackendUnavailable {
@@ -209,8 +209,8 @@ impl RuntimeConfig {
     }
 
     /// Builds the hypervisor this config selects on this host.
-    pub fn hypervisor(&self, host: &HostProbe) -> Result<Box<dyn Hypervisor>> {
-        let choice = self.backend_choice(host)?;
+    pub fn hypervisor(&self, host: &HostProbe, with_nics: bool) -> Result<Box<dyn Hypervisor>> {
+        let choice = self.backend_choice(host, with_nics)?;
         if choice.degraded {
             tracing::warn!("{}", choice.reason);
         }
@@ -263,15 +263,31 @@ mod tests {
     fn forcing_kvm_on_pvm_is_refused_with_a_reason() {
         let mut c = RuntimeConfig::from_env().unwrap();
         c.backend = BackendSetting::Fixed(BackendKind::QemuKvm);
-        let e = c.backend_choice(&host(KvmKind::Pvm)).unwrap_err();
+        let e = c.backend_choice(&host(KvmKind::Pvm), false).unwrap_err();
         assert!(e.to_string().contains("PVM"), "{e}");
         assert!(c
-            .backend_choice(&host(KvmKind::Hardware { flag: "svm" }))
+            .backend_choice(&host(KvmKind::Hardware { flag: "svm" }), false)
             .is_ok());
         c.backend = BackendSetting::Auto;
         assert_eq!(
-            c.backend_choice(&host(KvmKind::Pvm)).unwrap().kind,
+            c.backend_choice(&host(KvmKind::Pvm), false).unwrap().kind,
             BackendKind::QemuTcg
+        );
+    }
+
+    #[test]
+    fn auto_picks_qemu_for_a_vm_with_nics() {
+        let mut c = RuntimeConfig::from_env().unwrap();
+        c.backend = BackendSetting::Auto;
+        c.husk_vmm = Some("/bin/true".into());
+        let hw = host(KvmKind::Hardware { flag: "vmx" });
+        assert_eq!(
+            c.backend_choice(&hw, true).unwrap().kind,
+            BackendKind::QemuKvm
+        );
+        assert_eq!(
+            c.backend_choice(&hw, false).unwrap().kind,
+            BackendKind::HuskVmm
         );
     }
 
@@ -283,9 +299,12 @@ mod tests {
         let hw = host(KvmKind::Hardware { flag: "vmx" });
         for shared_fs in [false, true] {
             c.shared_fs = shared_fs;
-            assert_eq!(c.backend_choice(&hw).unwrap().kind, BackendKind::HuskVmm);
             assert_eq!(
-                c.backend_choice(&host(KvmKind::Pvm)).unwrap().kind,
+                c.backend_choice(&hw, false).unwrap().kind,
+                BackendKind::HuskVmm
+            );
+            assert_eq!(
+                c.backend_choice(&host(KvmKind::Pvm), false).unwrap().kind,
                 BackendKind::QemuTcg
             );
         }

@@ -16,7 +16,7 @@
 //! the namespace, which its owner removes. The namespace is read with `ip -j` and changed with
 //! `ip` and `tc` (iproute2), run from a thread that entered it.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -258,8 +258,7 @@ fn open_tap(netns: &Path, name: &str) -> Result<OwnedFd> {
             format!("creating tap {name}: {}", std::io::Error::last_os_error()),
         ));
     }
-    // SAFETY: `into_raw_fd` hands over the descriptor `tun` owned.
-    Ok(unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(tun)) })
+    Ok(OwnedFd::from(tun))
 }
 
 /// [`PodNetwork::attach`] from inside the namespace.

@@ -85,13 +85,7 @@ impl Sandbox {
             Some(ns) => PodNetwork::attach(ns)?,
             None => PodNetwork::default(),
         };
-        let hv = if network.interfaces.is_empty() && cfg.network_namespace.is_some() {
-            let mut c = cfg.clone();
-            c.network_namespace = None;
-            c.hypervisor(host)?
-        } else {
-            cfg.hypervisor(host)?
-        };
+        let hv = cfg.hypervisor(host, !network.interfaces.is_empty())?;
         std::fs::create_dir_all(&cfg.run_root)
             .map_err(|e| Error::io(format!("creating run root {:?}", cfg.run_root), e))?;
         let dir = cfg.run_root.join(id);

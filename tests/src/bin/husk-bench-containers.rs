@@ -200,7 +200,7 @@ fn main() -> anyhow::Result<()> {
 
     println!(
         "backend: {} ({}), {runs} runs per median",
-        cfg.backend_choice(&host)?.kind.name(),
+        cfg.backend_choice(&host, false)?.kind.name(),
         host.kvm.describe()
     );
     for (k, v) in rows {

@@ -137,7 +137,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<i32> {
             problems.push(format!("{} missing: {hint}", name.trim_end_matches(':')));
         }
     }
-    let choice = match cfg.backend_choice(&host) {
+    let choice = match cfg.backend_choice(&host, false) {
         Ok(c) => {
             row("backend:", &format!("{} ({})", c.kind.name(), c.reason));
             Some(c)
