@@ -298,10 +298,13 @@ impl Containerd {
         std::fs::read_to_string(self.dir().join("containerd.log")).unwrap_or_default()
     }
 
-    /// `ctr` against this containerd and namespace (under `timeout 120`).
+    /// `ctr` against this containerd and namespace (under `timeout
+    /// --foreground 120`: a plain `timeout` moves ctr into a process group
+    /// of its own, and on a terminal ctr's tcsetattr then stops it with
+    /// SIGTTOU).
     pub fn ctr_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("timeout");
-        c.arg("120")
+        c.args(["--foreground", "120"])
             .arg("ctr")
             .arg("-a")
             .arg(&self.sock)

@@ -255,10 +255,13 @@ impl Podman {
         self.ok(&full).trim().to_string()
     }
 
-    /// `timeout 120 podman <global flags>`, arguments to add.
+    /// `timeout --foreground 120 podman <global flags>`, arguments to add
+    /// (`--foreground` keeps podman in the caller's process group, see
+    /// [`crate::containerd::Containerd::ctr_cmd`]).
     pub fn cmd(&self) -> Command {
         let mut c = Command::new("timeout");
-        c.arg(PODMAN_TIMEOUT.to_string())
+        c.arg("--foreground")
+            .arg(PODMAN_TIMEOUT.to_string())
             .arg("podman")
             .args(self.global_args());
         c

@@ -24,14 +24,21 @@ pub fn command_line(cmd: &Command) -> String {
 /// killed after `timeout_secs`; returns script's status (the command's)
 /// and what the terminal printed.
 ///
-/// script's stdin is a pipe held open until the command ends. At end of
-/// input script types EOF into the terminal, and util-linux 2.38's script
-/// can then hang once the command has put the terminal in raw mode (seen
-/// in CI with stdin on /dev/null: no output, killed by the timeout).
+/// script runs `line` with `$SHELL -c`; SHELL is pinned to /bin/sh (dash)
+/// because CI's environment has no SHELL and script then falls back to it.
+/// Unlike bash, dash forks for a lone command, so a command that moves
+/// itself to another process group (plain `timeout` does) is in the
+/// background of the terminal, and its first tcsetattr stops it with
+/// SIGTTOU: no output, killed by the timeout. Use `timeout --foreground`
+/// in `line`.
+///
+/// script's stdin is a pipe held open until the command ends, so script
+/// never types an end of input into the terminal.
 pub fn run_in_pty(line: &str, timeout_secs: u32) -> Output {
     let mut child = Command::new("timeout")
         .arg(timeout_secs.to_string())
         .args(["script", "-qec", line, "/dev/null"])
+        .env("SHELL", "/bin/sh")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
