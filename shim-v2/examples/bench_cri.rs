@@ -8,12 +8,8 @@
 use std::time::{Duration, Instant};
 
 use husk_tests::containerd::Containerd;
-use husk_tests::cri::v1::{
-    CreateContainerRequest, NamespaceMode, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest,
-};
+use husk_tests::cri::v1::NamespaceMode;
 use husk_tests::cri::{container_config, pod_config, Cri};
-use husk_tests::cri_call;
 
 mod bench_common;
 use bench_common::{ms, runs_arg, start_with_release_shim, stats};
@@ -29,49 +25,15 @@ fn one_pod(
     std::fs::create_dir_all(&dir)?;
     let pod = pod_config(name, &dir, NamespaceMode::Pod);
     let t0 = Instant::now();
-    let pod_id = cri_call!(
-        cri,
-        run_pod_sandbox,
-        RunPodSandboxRequest {
-            config: Some(pod.clone()),
-            runtime_handler: handler.into(),
-        }
-    )?
-    .pod_sandbox_id;
-    let id = cri_call!(
-        cri,
-        create_container,
-        CreateContainerRequest {
-            pod_sandbox_id: pod_id.clone(),
-            config: Some(container_config("c", "true")),
-            sandbox_config: Some(pod),
-        }
-    )?
-    .container_id;
-    cri_call!(
-        cri,
-        start_container,
-        StartContainerRequest {
-            container_id: id.clone()
-        }
-    )?;
+    let pod_id = cri.run_pod(&pod, handler).map_err(anyhow::Error::msg)?;
+    let id = cri
+        .create_and_start(&pod_id, &pod, container_config("c", "true"))
+        .map_err(anyhow::Error::msg)?;
     let status = cri.wait_exited(&id, Duration::from_secs(120));
     anyhow::ensure!(status.exit_code == 0, "{handler}: `true` exited {status:?}");
     let up = ms(t0.elapsed());
-    cri_call!(
-        cri,
-        stop_pod_sandbox,
-        StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.clone()
-        }
-    )?;
-    cri_call!(
-        cri,
-        remove_pod_sandbox,
-        RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id
-        }
-    )?;
+    cri.stop_and_remove_pod(&pod_id)
+        .map_err(anyhow::Error::msg)?;
     Ok((up, ms(t0.elapsed())))
 }
 

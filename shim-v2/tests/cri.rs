@@ -9,19 +9,18 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use common::{finish, husk_containerd, qemus};
 use husk_tests::containerd::{
     skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET6_PREFIX, CRI_SUBNET_PREFIX,
 };
 use husk_tests::cri::v1::{
-    CreateContainerRequest, ExecSyncRequest, ListPodSandboxRequest, NamespaceMode, PodSandboxState,
-    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+    ExecSyncRequest, ListPodSandboxRequest, NamespaceMode, PodSandboxState,
+    PodSandboxStatusRequest, RemoveContainerRequest, StopContainerRequest, VersionRequest,
 };
-use husk_tests::cri::{container_config, pod_config, Cri};
+use husk_tests::cri::{container_config, pod_config, wait_for_log_line, Cri, RemovePodOnPanic};
 use husk_tests::{cri_call, http_get};
 
 /// The runtime handler (containerd's `runtimes.husk`, a RuntimeClass's `handler`).
@@ -43,56 +42,9 @@ fn exec_sync(cri: &mut Cri, id: &str, script: &str, cd: &Containerd) -> (i32, St
     (r.exit_code, text(&r.stdout), text(&r.stderr))
 }
 
-/// Stops and removes a pod if the test fails, as the kubelet would: so CNI
-/// tears down its network namespace and veth (containerd's own clean-up of
-/// a failed test does not go through CRI).
-struct RemovePodOnPanic {
-    sock: PathBuf,
-    id: String,
-}
-
-impl Drop for RemovePodOnPanic {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let mut cri = Cri::connect(&self.sock);
-        let id = self.id.clone();
-        let _ = cri_call!(
-            cri,
-            stop_pod_sandbox,
-            StopPodSandboxRequest {
-                pod_sandbox_id: id.clone()
-            }
-        );
-        let _ = cri_call!(
-            cri,
-            remove_pod_sandbox,
-            RemovePodSandboxRequest { pod_sandbox_id: id }
-        );
-    }
-}
-
-/// Waits until the CRI log file `path` has a line for `stream` with `text`, as containerd
-/// writes them (`<time> <stream> F <text>`); returns the file.
-fn wait_for_log(path: &PathBuf, stream: &str, text: &str, cd: &Containerd) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let log = std::fs::read_to_string(path).unwrap_or_default();
-        let found = log.lines().any(|l| {
-            let f: Vec<&str> = l.splitn(4, ' ').collect();
-            f.len() == 4 && f[1] == stream && f[2] == "F" && f[3] == text
-        });
-        if found {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {stream} line {text:?} in {path:?}: {log:?}\n{}",
-            cd.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// [`wait_for_log_line`], panicking with containerd's log.
+fn wait_for_log(path: &Path, stream: &str, text: &str, cd: &Containerd) -> String {
+    wait_for_log_line(path, stream, text).unwrap_or_else(|e| panic!("{e}\n{}", cd.log()))
 }
 
 /// A pod with its own network (CNI's bridge plugin: a veth `eth0` with an address from
@@ -132,16 +84,9 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     std::fs::create_dir_all(&logs).unwrap();
     let pod = pod_config("husk-pod", &logs, network);
     let pod_net = network == NamespaceMode::Pod;
-    let pod_id = cri_call!(
-        cri,
-        run_pod_sandbox,
-        RunPodSandboxRequest {
-            config: Some(pod.clone()),
-            runtime_handler: HANDLER.into(),
-        }
-    )
-    .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", cd.log()))
-    .pod_sandbox_id;
+    let pod_id = cri
+        .run_pod(&pod, HANDLER)
+        .unwrap_or_else(|e| panic!("{e}\n{}", cd.log()));
     let _cleanup = RemovePodOnPanic {
         sock: cd.address().to_path_buf(),
         id: pod_id.clone(),
@@ -175,26 +120,8 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     }
 
     let mut create_and_start = |name: &str, script: &str| -> String {
-        let id = cri_call!(
-            cri,
-            create_container,
-            CreateContainerRequest {
-                pod_sandbox_id: pod_id.clone(),
-                config: Some(container_config(name, script)),
-                sandbox_config: Some(pod.clone()),
-            }
-        )
-        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", cd.log()))
-        .container_id;
-        cri_call!(
-            cri,
-            start_container,
-            StartContainerRequest {
-                container_id: id.clone(),
-            }
-        )
-        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", cd.log()));
-        id
+        cri.create_and_start(&pod_id, &pod, container_config(name, script))
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", cd.log()))
     };
     // c1 serves its /etc over HTTP on port 8080 (on the pod's address when it has one).
     let c1 = create_and_start(
@@ -273,22 +200,8 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         )
         .unwrap_or_else(|e| panic!("RemoveContainer: {e}\n{}", cd.log()));
     }
-    cri_call!(
-        cri,
-        stop_pod_sandbox,
-        StopPodSandboxRequest {
-            pod_sandbox_id: pod_id.clone(),
-        }
-    )
-    .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", cd.log()));
-    cri_call!(
-        cri,
-        remove_pod_sandbox,
-        RemovePodSandboxRequest {
-            pod_sandbox_id: pod_id.clone(),
-        }
-    )
-    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", cd.log()));
+    cri.stop_and_remove_pod(&pod_id)
+        .unwrap_or_else(|e| panic!("{e}\n{}", cd.log()));
     let pods = cri_call!(cri, list_pod_sandbox, ListPodSandboxRequest::default())
         .unwrap()
         .items;

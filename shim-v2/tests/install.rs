@@ -1,16 +1,25 @@
-//! `scripts/install.sh` (what `make install` runs), staged under a
+//! `scripts/install.sh` (what `make install` runs). Staged under a
 //! temporary DESTDIR with stand-in binaries and guest artifacts: it
 //! installs binaries, kernel and initramfs where the README says, writes a
 //! config file the shim parses (and keeps an existing one), prints the
 //! containerd stanza, and refuses with what to run when a build is
-//! missing.
+//! missing. Installed for real (this build, into a temporary prefix): a
+//! containerd whose only husk configuration is the printed stanza runs a
+//! Kubernetes pod (CRI) on the installed shim, kernel and initramfs.
+
+mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
+use common::{finish, qemus};
 use husk_shim::config::ConfigFile;
-use husk_tests::workspace_root;
+use husk_tests::containerd::{skip_reason, Containerd};
+use husk_tests::cri::v1::NamespaceMode;
+use husk_tests::cri::{container_config, pod_config, wait_for_log_line, Cri, RemovePodOnPanic};
+use husk_tests::{busybox_layout, e2e_config, target_dir, workspace_root};
 
 fn install(dest: &Path, bins: &Path, artifacts: &Path) -> Output {
     Command::new("bash")
@@ -109,4 +118,102 @@ fn install_script_stages_binaries_artifacts_config_and_prints_the_stanza() {
         !out.status.success() && err.contains("guest kernel"),
         "{err}"
     );
+}
+
+/// `make install` of this build into a temporary prefix (no DESTDIR, so the
+/// paths in the config and stanza are the real ones), then a containerd
+/// with the CRI plugin whose husk runtime is configured by the printed
+/// stanza alone, its shim found on PATH in the installed bin directory and
+/// no `HUSK_*` variable in its environment but the run directory (so the
+/// test can check that nothing is left there). A pod with the handler
+/// `husk` runs a container, whose output reaches the CRI log; its VM boots
+/// the installed kernel, named by the installed config file.
+#[test]
+fn installed_husk_runs_a_pod_through_the_printed_stanza() {
+    let test = "installed_husk_runs_a_pod_through_the_printed_stanza";
+    if let Some(why) = skip_reason(&["qemu-system-x86_64", "umoci"]) {
+        eprintln!("SKIP {test}: {why}");
+        return;
+    }
+    let mut b = Containerd::builder();
+    let d = b.dir().to_path_buf();
+    let (prefix, data, conf, run) = (
+        d.join("usr"),
+        d.join("share/husk"),
+        d.join("etc/husk"),
+        d.join("run"),
+    );
+    let guest = e2e_config(&run);
+    let out = Command::new("bash")
+        .arg(workspace_root().join("scripts/install.sh"))
+        .env("PREFIX", &prefix)
+        .env("HUSK_DATA_DIR", &data)
+        .env("HUSK_CONF_DIR", &conf)
+        .env("HUSK_BIN_DIR", target_dir())
+        .env("HUSK_KERNEL", &guest.kernel)
+        .env("HUSK_INITRAMFS", &guest.initramfs)
+        .env_remove("DESTDIR")
+        .output()
+        .expect("running bash");
+    assert!(out.status.success(), "install.sh: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stanza: String = stdout
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let config = conf.join("config.toml");
+    assert!(
+        stanza.contains(&format!("ConfigPath = \"{}\"", config.display())),
+        "stanza: {stanza}"
+    );
+    let version = Command::new(prefix.join("bin/husk"))
+        .arg("--version")
+        .output()
+        .expect("running the installed husk");
+    assert!(version.status.success(), "husk --version: {version:?}");
+
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("HUSK_") {
+            b = b.env_remove(key);
+        }
+    }
+    let cd = b
+        .cri()
+        .husk_stanza(stanza)
+        .shim(prefix.join("bin/containerd-shim-husk-v2"))
+        .env("HUSK_RUN_DIR", &run)
+        .start();
+    cd.import_busybox(&busybox_layout());
+
+    let mut cri = Cri::connect(cd.address());
+    let logs = d.join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let pod = pod_config("installed", &logs, NamespaceMode::Node);
+    let pod_id = cri
+        .run_pod(&pod, "husk")
+        .unwrap_or_else(|e| panic!("{e}\n{}", cd.log()));
+    let _cleanup = RemovePodOnPanic {
+        sock: cd.address().to_path_buf(),
+        id: pod_id.clone(),
+    };
+    let id = cri
+        .create_and_start(
+            &pod_id,
+            &pod,
+            container_config("c", "echo from-installed-husk"),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", cd.log()));
+    wait_for_log_line(&logs.join("c.log"), "stdout", "from-installed-husk")
+        .unwrap_or_else(|e| panic!("{e}\n{}", cd.log()));
+    assert_eq!(cri.wait_exited(&id, Duration::from_secs(60)).exit_code, 0);
+    let vms = qemus(&cd);
+    let kernel = data.join("vmlinux").display().to_string();
+    assert!(
+        vms.len() == 1 && vms[0].1.contains(&kernel),
+        "one VM booting {kernel}: {vms:?}"
+    );
+    cri.stop_and_remove_pod(&pod_id)
+        .unwrap_or_else(|e| panic!("{e}\n{}", cd.log()));
+    finish(cd);
 }

@@ -62,7 +62,14 @@ pub struct Builder {
     runtime: Vec<String>,
     private_fifos: bool,
     cri: bool,
+    env_removed: Vec<OsString>,
+    husk_stanza: Option<String>,
 }
+
+/// containerd's runtime table for husk unless [`Builder::husk_stanza`] gives another.
+const HUSK_STANZA: &str = r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]
+  runtime_type = "io.containerd.husk.v2"
+"#;
 
 impl Builder {
     /// The temporary directory that will hold everything of this
@@ -82,6 +89,21 @@ impl Builder {
     /// Adds a variable to containerd's environment (its shims inherit it).
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Builder {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Removes a variable from the environment containerd (and so its shims)
+    /// would inherit from the test.
+    pub fn env_remove(mut self, key: impl Into<OsString>) -> Builder {
+        self.env_removed.push(key.into());
+        self
+    }
+
+    /// containerd's config tables for the husk runtime handler, in place of
+    /// the plain `runtimes.husk` with `runtime_type` alone: e.g. the stanza
+    /// `make install` prints, with its `options.ConfigPath`.
+    pub fn husk_stanza(mut self, toml: impl Into<String>) -> Builder {
+        self.husk_stanza = Some(toml.into());
         self
     }
 
@@ -187,9 +209,8 @@ state = "{state}"
   address = "{sock}.ttrpc"
 [debug]
   level = "debug"
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]
-  runtime_type = "io.containerd.husk.v2"
-"#,
+{husk}"#,
+            husk = self.husk_stanza.as_deref().unwrap_or(HUSK_STANZA),
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = sock.display(),
@@ -203,7 +224,11 @@ state = "{state}"
             std::env::var("PATH").unwrap_or_default()
         );
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
+        let mut containerd = Command::new("containerd");
+        for key in &self.env_removed {
+            containerd.env_remove(key);
+        }
+        let child = containerd
             .arg("--config")
             .arg(d.join("config.toml"))
             .env("PATH", path)
@@ -262,6 +287,8 @@ impl Containerd {
             runtime: Vec::new(),
             private_fifos: false,
             cri: false,
+            env_removed: Vec::new(),
+            husk_stanza: None,
         }
     }
 

@@ -1,14 +1,15 @@
 //! A CRI v1 client for tests and benchmarks: the kubelet's side of containerd's CRI plugin
 //! (see [`crate::containerd::Builder::cri`]), over its Unix socket, driven synchronously.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
-    ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata,
+    CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -63,6 +64,73 @@ impl Cri {
         }
     }
 
+    /// RunPodSandbox of `pod` with the runtime handler `handler` (a RuntimeClass's handler);
+    /// the pod's id.
+    pub fn run_pod(&mut self, pod: &PodSandboxConfig, handler: &str) -> Result<String, String> {
+        crate::cri_call!(
+            self,
+            run_pod_sandbox,
+            RunPodSandboxRequest {
+                config: Some(pod.clone()),
+                runtime_handler: handler.into(),
+            }
+        )
+        .map(|r| r.pod_sandbox_id)
+        .map_err(|e| format!("RunPodSandbox: {e}"))
+    }
+
+    /// CreateContainer of `config` in pod `pod_id` (whose config is `pod`), then
+    /// StartContainer; the container's id. Errors name the call that failed.
+    pub fn create_and_start(
+        &mut self,
+        pod_id: &str,
+        pod: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> Result<String, String> {
+        let id = crate::cri_call!(
+            self,
+            create_container,
+            CreateContainerRequest {
+                pod_sandbox_id: pod_id.into(),
+                config: Some(config),
+                sandbox_config: Some(pod.clone()),
+            }
+        )
+        .map_err(|e| format!("CreateContainer: {e}"))?
+        .container_id;
+        crate::cri_call!(
+            self,
+            start_container,
+            StartContainerRequest {
+                container_id: id.clone(),
+            }
+        )
+        .map_err(|e| format!("StartContainer {id}: {e}"))?;
+        Ok(id)
+    }
+
+    /// StopPodSandbox then RemovePodSandbox of `pod_id` (which also removes its containers),
+    /// as the kubelet tears a pod down.
+    pub fn stop_and_remove_pod(&mut self, pod_id: &str) -> Result<(), String> {
+        crate::cri_call!(
+            self,
+            stop_pod_sandbox,
+            StopPodSandboxRequest {
+                pod_sandbox_id: pod_id.into(),
+            }
+        )
+        .map_err(|e| format!("StopPodSandbox: {e}"))?;
+        crate::cri_call!(
+            self,
+            remove_pod_sandbox,
+            RemovePodSandboxRequest {
+                pod_sandbox_id: pod_id.into(),
+            }
+        )
+        .map(|_| ())
+        .map_err(|e| format!("RemovePodSandbox: {e}"))
+    }
+
     /// Polls ContainerStatus until container `id` has exited; its status. Panics after
     /// `timeout`.
     pub fn wait_exited(&mut self, id: &str, timeout: Duration) -> ContainerStatus {
@@ -85,6 +153,45 @@ impl Cri {
             assert!(Instant::now() < deadline, "container {id} still {s:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Stops and removes a pod if the test fails, as the kubelet would: so CNI tears down its
+/// network namespace and veth (containerd's own clean-up of a failed test does not go
+/// through CRI).
+pub struct RemovePodOnPanic {
+    /// containerd's socket.
+    pub sock: PathBuf,
+    /// The pod's id.
+    pub id: String,
+}
+
+impl Drop for RemovePodOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Cri::connect(&self.sock).stop_and_remove_pod(&self.id);
+        }
+    }
+}
+
+/// Waits up to 60 s until the CRI log file `path` has a line for `stream` (`stdout` or
+/// `stderr`) with exactly `text`, as containerd writes them (`<time> <stream> F <text>`);
+/// returns the whole file, or what it held at the deadline as the error.
+pub fn wait_for_log_line(path: &Path, stream: &str, text: &str) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        let found = log.lines().any(|l| {
+            let f: Vec<&str> = l.splitn(4, ' ').collect();
+            f.len() == 4 && f[1] == stream && f[2] == "F" && f[3] == text
+        });
+        if found {
+            return Ok(log);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no {stream} line {text:?} in {path:?}: {log:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -20,6 +20,7 @@ pub fn containerd_with_busybox() -> Containerd {
 
 /// [`containerd_with_busybox`], with `extra` applied to the builder
 /// before containerd starts (e.g. [`Builder::cri`]).
+#[allow(dead_code)] // not every test binary uses it
 pub fn husk_containerd(extra: impl FnOnce(Builder) -> Builder) -> Containerd {
     let layout = busybox_layout();
     let b = Containerd::builder();
