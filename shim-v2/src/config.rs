@@ -29,6 +29,15 @@ pub const CONFIG_ENV: &str = "HUSK_CONFIG";
 pub const VCPUS_ANNOTATION: &str = "io.husk.vcpus";
 /// Pod annotation: memory of the pod's VM, MiB.
 pub const MEMORY_ANNOTATION: &str = "io.husk.memory_mib";
+/// containerd's CRI annotation on a pod's sandbox container (1.6.7 and
+/// later): the CFS quota of the pod's containers together, µs per period;
+/// from the kubelet's PodSandboxConfig `linux.resources` (1.23 and later).
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// containerd's CRI annotation: the CFS period of [`CRI_SANDBOX_CPU_QUOTA`], µs.
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+/// containerd's CRI annotation: the memory limits of the pod's containers
+/// together, bytes.
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 /// containerd's type URL of the runtime options of non-runc runtimes.
 pub const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
 
@@ -172,39 +181,70 @@ fn check_memory(m: u64, what: &str) -> Result<u32> {
         })
 }
 
-/// Sizes the pod's VM from the sandbox container's OCI spec (JSON):
-/// `linux.resources.cpu` quota/period raises the vCPUs to cover it,
-/// `linux.resources.memory.limit` is added to the configured memory (the
-/// guest kernel and agent live in that), and the `io.husk.vcpus` /
-/// `io.husk.memory_mib` annotations, when present, set the size outright.
+/// Sizes the pod's VM from the sandbox container's OCI spec (JSON), in
+/// this order:
+/// - CPU limits raise the vCPUs to cover them: the spec's
+///   `linux.resources.cpu` quota/period, and containerd's CRI annotations
+///   [`CRI_SANDBOX_CPU_QUOTA`]/[`CRI_SANDBOX_CPU_PERIOD`] (the limits of all
+///   the pod's containers);
+/// - memory limits are added to the configured memory (the guest kernel and
+///   agent live in that): `linux.resources.memory.limit` and
+///   [`CRI_SANDBOX_MEMORY`];
+/// - the `io.husk.vcpus` / `io.husk.memory_mib` annotations, when present,
+///   set the size outright.
+///
+/// Unlimited or unset values (0, -1) change nothing; an annotation that is
+/// not a number is an error that names it.
 pub fn size_pod(cfg: &mut RuntimeConfig, spec: &serde_json::Value) -> Result<()> {
-    let res = &spec["linux"]["resources"];
-    let quota = res["cpu"]["quota"].as_i64().filter(|q| *q > 0);
-    let period = res["cpu"]["period"].as_u64().filter(|p| *p > 0);
-    if let (Some(q), Some(p)) = (quota, period) {
-        let need = (q as u64).div_ceil(p);
-        cfg.vcpus = cfg.vcpus.max(u8::try_from(need).unwrap_or(u8::MAX));
-    }
-    if let Some(limit) = res["memory"]["limit"].as_i64().filter(|l| *l > 0) {
-        let mib = (limit as u64).div_ceil(1 << 20);
-        cfg.memory_mib = cfg
-            .memory_mib
-            .saturating_add(u32::try_from(mib).unwrap_or(u32::MAX));
-    }
-    let annotation = |key: &str| -> Result<Option<u64>> {
+    let annotation = |key: &str| -> Result<Option<i64>> {
         match spec["annotations"][key].as_str() {
             None => Ok(None),
-            Some(s) => s.trim().parse::<u64>().map(Some).map_err(|_| {
+            Some(s) => s.trim().parse::<i64>().map(Some).map_err(|_| {
                 ShimError::InvalidArgument(format!(
                     "annotation {key}={s:?}: expected a whole number"
                 ))
             }),
         }
     };
-    if let Some(v) = annotation(VCPUS_ANNOTATION)? {
+    let res = &spec["linux"]["resources"];
+    let cpu_limits = [
+        (res["cpu"]["quota"].as_i64(), res["cpu"]["period"].as_i64()),
+        (
+            annotation(CRI_SANDBOX_CPU_QUOTA)?,
+            annotation(CRI_SANDBOX_CPU_PERIOD)?,
+        ),
+    ];
+    for (quota, period) in cpu_limits {
+        if let (Some(q), Some(p)) = (quota.filter(|q| *q > 0), period.filter(|p| *p > 0)) {
+            let need = (q as u64).div_ceil(p as u64);
+            cfg.vcpus = cfg.vcpus.max(u8::try_from(need).unwrap_or(u8::MAX));
+        }
+    }
+    let memory_limits = [
+        res["memory"]["limit"].as_i64(),
+        annotation(CRI_SANDBOX_MEMORY)?,
+    ];
+    for limit in memory_limits.into_iter().flatten().filter(|l| *l > 0) {
+        let mib = (limit as u64).div_ceil(1 << 20);
+        cfg.memory_mib = cfg
+            .memory_mib
+            .saturating_add(u32::try_from(mib).unwrap_or(u32::MAX));
+    }
+    let size = |key: &str| -> Result<Option<u64>> {
+        annotation(key)?
+            .map(|v| {
+                u64::try_from(v).map_err(|_| {
+                    ShimError::InvalidArgument(format!(
+                        "annotation {key}={v}: must not be negative"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    if let Some(v) = size(VCPUS_ANNOTATION)? {
         cfg.vcpus = check_vcpus(v, VCPUS_ANNOTATION)?;
     }
-    if let Some(m) = annotation(MEMORY_ANNOTATION)? {
+    if let Some(m) = size(MEMORY_ANNOTATION)? {
         cfg.memory_mib = check_memory(m, MEMORY_ANNOTATION)?;
     }
     Ok(())
@@ -432,6 +472,49 @@ qemu = "/opt/qemu/bin/qemu-system-x86_64"
             ("io.husk.vcpus", "300"),
             ("io.husk.vcpus", "many"),
             ("io.husk.memory_mib", "8"),
+        ] {
+            let e = size_pod(&mut base(), &json!({"annotations": {k: v}})).unwrap_err();
+            assert!(e.to_string().contains(k), "{e}");
+        }
+    }
+
+    #[test]
+    fn cri_pods_are_sized_from_containerds_sandbox_annotations() {
+        // What containerd 1.6 puts on a pod's pause container: its own cpu
+        // shares, and the sums of the pod's container limits.
+        let spec = json!({
+            "linux": {"resources": {"cpu": {"shares": 2}}},
+            "annotations": {
+                "io.kubernetes.cri.sandbox-cpu-period": "100000",
+                "io.kubernetes.cri.sandbox-cpu-quota": "150000",
+                "io.kubernetes.cri.sandbox-cpu-shares": "1536",
+                "io.kubernetes.cri.sandbox-memory": "134217728",
+            }
+        });
+        let mut c = base();
+        size_pod(&mut c, &spec).unwrap();
+        assert_eq!((c.vcpus, c.memory_mib), (2, 256 + 128));
+        // A pod without limits: containerd writes zeros.
+        let spec = json!({"annotations": {
+            "io.kubernetes.cri.sandbox-cpu-period": "0",
+            "io.kubernetes.cri.sandbox-cpu-quota": "0",
+            "io.kubernetes.cri.sandbox-memory": "0",
+        }});
+        let mut c = base();
+        size_pod(&mut c, &spec).unwrap();
+        assert_eq!((c.vcpus, c.memory_mib), (1, 256));
+        // Both the sandbox container's own limit and the pod's are added.
+        let spec = json!({
+            "linux": {"resources": {"memory": {"limit": 64 << 20}}},
+            "annotations": {"io.kubernetes.cri.sandbox-memory": "33554432"}
+        });
+        let mut c = base();
+        size_pod(&mut c, &spec).unwrap();
+        assert_eq!(c.memory_mib, 256 + 64 + 32);
+        for (k, v) in [
+            ("io.kubernetes.cri.sandbox-memory", "lots"),
+            ("io.kubernetes.cri.sandbox-cpu-quota", "1.5"),
+            ("io.husk.vcpus", "-2"),
         ] {
             let e = size_pod(&mut base(), &json!({"annotations": {k: v}})).unwrap_err();
             assert!(e.to_string().contains(k), "{e}");

@@ -12,13 +12,14 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{finish, husk_containerd, qemus};
+use common::{finish, husk_containerd, qemu_size, qemus};
 use husk_tests::containerd::{
     skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET6_PREFIX, CRI_SUBNET_PREFIX,
 };
 use husk_tests::cri::v1::{
-    ExecSyncRequest, ListPodSandboxRequest, NamespaceMode, PodSandboxState,
-    PodSandboxStatusRequest, RemoveContainerRequest, StopContainerRequest, VersionRequest,
+    ExecSyncRequest, LinuxContainerResources, ListPodSandboxRequest, NamespaceMode,
+    PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest, StopContainerRequest,
+    VersionRequest,
 };
 use husk_tests::cri::{container_config, pod_config, wait_for_log_line, Cri, RemovePodOnPanic};
 use husk_tests::{cri_call, http_get};
@@ -82,8 +83,20 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
 
     let logs = cd.dir().join("pod-logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let pod = pod_config("husk-pod", &logs, network);
+    let mut pod = pod_config("husk-pod", &logs, network);
     let pod_net = network == NamespaceMode::Pod;
+    // The host-network pod has limits: the kubelet passes the sum of its containers' limits
+    // (1.5 CPUs, 128 MiB) in the pod's config, containerd annotates the sandbox container with
+    // them, and the VM is sized to hold them.
+    let limits = !pod_net;
+    if limits {
+        pod.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 150_000,
+            memory_limit_in_bytes: 128 << 20,
+            ..Default::default()
+        });
+    }
     let pod_id = cri
         .run_pod(&pod, HANDLER)
         .unwrap_or_else(|e| panic!("{e}\n{}", cd.log()));
@@ -138,6 +151,12 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     // The pause container and both containers: one VM.
     let vms = qemus(&cd);
     assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
+    let expected = if limits { ("2", "384M") } else { ("1", "256M") };
+    assert_eq!(
+        qemu_size(&vms[0].1),
+        (expected.0.into(), expected.1.into()),
+        "VM size (default: 1 vCPU, 256 MiB)"
+    );
 
     // c2 ended with its own exit code.
     let c2_status = cri.wait_exited(&c2, Duration::from_secs(60));
@@ -153,6 +172,12 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         ),
         (4, "exec-out\n".into(), "exec-err\n".into())
     );
+
+    if limits {
+        // The guest sees the vCPUs.
+        let (_, out, _) = exec_sync(&mut cri, &c1, "grep -c ^processor /proc/cpuinfo", &cd);
+        assert_eq!(out.trim(), "2", "vCPUs in the guest");
+    }
 
     if pod_net {
         // The container has the pod's addresses on eth0, and the pod's default routes.

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use common::{containerd_with_busybox, finish, qemus};
+use common::{containerd_with_busybox, finish, qemu_size, qemus};
 use husk_tests::containerd::{skip_reason, Containerd, Events};
 use husk_tests::processes_mentioning;
 
@@ -379,12 +379,7 @@ fn vm_size(cd: &Containerd, id: &str) -> (String, String) {
         .filter(|(_, cmd)| cmd.contains(&format!("{dir}/")))
         .collect();
     assert_eq!(vms.len(), 1, "one VM for {id}: {vms:?}");
-    let args: Vec<&str> = vms[0].1.split(' ').collect();
-    let after = |flag: &str| {
-        let i = args.iter().position(|a| *a == flag).expect(flag);
-        args[i + 1].to_string()
-    };
-    (after("-smp"), after("-m"))
+    qemu_size(&vms[0].1)
 }
 
 #[test]

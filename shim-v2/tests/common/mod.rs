@@ -89,3 +89,18 @@ pub fn qemus(cd: &Containerd) -> Vec<(u32, String)> {
         })
         .collect()
 }
+
+/// The `-smp` and `-m` arguments of a QEMU command line (as [`qemus`]
+/// gives them): the VM's vCPUs and memory.
+#[allow(dead_code)] // not every test binary uses it
+pub fn qemu_size(cmdline: &str) -> (String, String) {
+    let args: Vec<&str> = cmdline.split(' ').collect();
+    let after = |flag: &str| {
+        let i = args
+            .iter()
+            .position(|a| *a == flag)
+            .unwrap_or_else(|| panic!("no {flag} in {cmdline}"));
+        args.get(i + 1).unwrap_or(&"").to_string()
+    };
+    (after("-smp"), after("-m"))
+}
