@@ -402,21 +402,25 @@ impl Inner {
             Ok(_) => self.with_sb(|sb| sb.wait(id, exec_id)),
             Err(e) => Err(e),
         };
-        let status = match status {
-            Ok(s) => u32::try_from(s).unwrap_or(255),
+        // A process whose VM ended was killed with it: 128 + SIGKILL, what
+        // the runc shim reports for a SIGKILLed process (and the `husk` CLI
+        // for the same case). An agent that fails while the VM runs leaves
+        // the status unknown: 255, containerd's UnknownExitStatus.
+        let (status, vm_gone) = match status {
+            Ok(s) => (u32::try_from(s).unwrap_or(255), false),
+            Err(e) if self.vm_gone() => {
+                log::error!(
+                    "{id}/{exec_id}: the sandbox VM has ended: {e}; its console:\n{}",
+                    self.console_tail()
+                );
+                (128 + 9, true)
+            }
             Err(e) => {
-                if self.vm_gone() {
-                    log::error!(
-                        "{id}/{exec_id}: the sandbox VM has ended: {e}; its console:\n{}",
-                        self.console_tail()
-                    );
-                } else {
-                    log::error!("waiting for {id}/{exec_id}: {e}");
-                }
-                255
+                log::error!("waiting for {id}/{exec_id}: {e}");
+                (255, false)
             }
         };
-        if status == 128 + 9 {
+        if status == 128 + 9 && !vm_gone {
             self.publish_ooms(id, false);
         }
         let at = now();
