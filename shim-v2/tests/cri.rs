@@ -17,9 +17,9 @@ use husk_tests::containerd::{
     skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET6_PREFIX, CRI_SUBNET_PREFIX,
 };
 use husk_tests::cri::v1::{
-    ExecSyncRequest, LinuxContainerResources, ListPodSandboxRequest, NamespaceMode,
-    PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest, StopContainerRequest,
-    VersionRequest,
+    ContainerStatsRequest, DnsConfig, ExecSyncRequest, LinuxContainerResources,
+    ListPodSandboxRequest, NamespaceMode, PodSandboxState, PodSandboxStatusRequest,
+    RemoveContainerRequest, StopContainerRequest, UInt64Value, VersionRequest,
 };
 use husk_tests::cri::{container_config, pod_config, wait_for_log_line, Cri, RemovePodOnPanic};
 use husk_tests::{cri_call, http_get};
@@ -85,6 +85,13 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     std::fs::create_dir_all(&logs).unwrap();
     let mut pod = pod_config("husk-pod", &logs, network);
     let pod_net = network == NamespaceMode::Pod;
+    // The pod's DNS as the kubelet sets it (cluster DNS server, search domains): containerd
+    // writes the pod's resolv.conf on the host and bind-mounts it into each container.
+    pod.dns_config = Some(DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec!["default.svc.cluster.local".into()],
+        options: vec!["ndots:5".into()],
+    });
     // The host-network pod has limits: the kubelet passes the sum of its containers' limits
     // (1.5 CPUs, 128 MiB) in the pod's config, containerd annotates the sandbox container with
     // them, and the VM is sized to hold them.
@@ -172,6 +179,48 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         ),
         (4, "exec-out\n".into(), "exec-err\n".into())
     );
+
+    // The files CRI bind-mounts into every container (resolv.conf, hosts, hostname) come
+    // through from the host.
+    let (code, out, err) = exec_sync(
+        &mut cri,
+        &c1,
+        "cat /etc/resolv.conf; echo ---; cat /etc/hosts; echo ---; cat /etc/hostname",
+        &cd,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("nameserver 10.96.0.10")
+            && out.contains("search default.svc.cluster.local")
+            && out.contains("options ndots:5"),
+        "pod resolv.conf: {out}"
+    );
+    assert!(out.contains("localhost"), "pod /etc/hosts: {out}");
+    if pod_net {
+        assert!(out.trim_end().ends_with("husk-pod"), "pod hostname: {out}");
+    }
+
+    // ContainerStats (what `kubectl top` and the kubelet's eviction read): the cgroup v2
+    // metrics from inside the VM, decoded by containerd's CRI plugin.
+    let stats = cri_call!(
+        cri,
+        container_stats,
+        ContainerStatsRequest {
+            container_id: c1.clone()
+        }
+    )
+    .unwrap_or_else(|e| panic!("ContainerStats: {e}\n{}", cd.log()))
+    .stats
+    .expect("container stats");
+    let value = |v: Option<UInt64Value>| v.map(|v| v.value).unwrap_or(0);
+    let memory = stats.memory.expect("memory stats");
+    let working_set = value(memory.working_set_bytes);
+    assert!(
+        working_set > 0 && working_set < 512 << 20,
+        "working set {working_set} B: {memory:?}"
+    );
+    let cpu = value(stats.cpu.expect("cpu stats").usage_core_nano_seconds);
+    assert!(cpu > 0, "cpu usage {cpu} ns");
 
     if limits {
         // The guest sees the vCPUs.
