@@ -17,9 +17,10 @@ use husk_tests::containerd::{
     skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET6_PREFIX, CRI_SUBNET_PREFIX,
 };
 use husk_tests::cri::v1::{
-    ContainerStatsRequest, DnsConfig, ExecSyncRequest, LinuxContainerResources,
-    ListPodSandboxRequest, NamespaceMode, PodSandboxState, PodSandboxStatusRequest,
-    RemoveContainerRequest, StopContainerRequest, UInt64Value, VersionRequest,
+    ContainerStatsRequest, DnsConfig, ExecSyncRequest, LinuxContainerConfig,
+    LinuxContainerResources, ListPodSandboxRequest, NamespaceMode, PodSandboxState,
+    PodSandboxStatusRequest, RemoveContainerRequest, StopContainerRequest, UInt64Value,
+    UpdateContainerResourcesRequest, VersionRequest,
 };
 use husk_tests::cri::{container_config, pod_config, wait_for_log_line, Cri, RemovePodOnPanic};
 use husk_tests::{cri_call, http_get};
@@ -221,6 +222,48 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     );
     let cpu = value(stats.cpu.expect("cpu stats").usage_core_nano_seconds);
     assert!(cpu > 0, "cpu usage {cpu} ns");
+
+    if limits {
+        // A container over its memory limit is killed in the VM, and containerd's CRI marks
+        // it OOMKilled from the shim's TaskOOM event (what `kubectl describe pod` shows).
+        let mut config = container_config("c3", "tail /dev/zero");
+        config.linux = Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: 32 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let c3 = cri
+            .create_and_start(&pod_id, &pod, config)
+            .unwrap_or_else(|e| panic!("c3: {e}\n{}", cd.log()));
+        let st = cri.wait_exited(&c3, Duration::from_secs(60));
+        assert_eq!(
+            (st.exit_code, st.reason.as_str()),
+            (137, "OOMKilled"),
+            "{st:?}"
+        );
+        // UpdateContainerResources (in-place pod resize): the new limit reaches the
+        // container's cgroup in the VM.
+        let memory_max = "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max";
+        let (_, before, _) = exec_sync(&mut cri, &c1, memory_max, &cd);
+        assert_eq!(before.trim(), "max", "c1 has no memory limit yet");
+        cri_call!(
+            cri,
+            update_container_resources,
+            UpdateContainerResourcesRequest {
+                container_id: c1.clone(),
+                linux: Some(LinuxContainerResources {
+                    memory_limit_in_bytes: 200 << 20,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        )
+        .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", cd.log()));
+        let (_, after, _) = exec_sync(&mut cri, &c1, memory_max, &cd);
+        assert_eq!(after.trim(), (200u64 << 20).to_string(), "c1's memory.max");
+    }
 
     if limits {
         // The guest sees the vCPUs.
