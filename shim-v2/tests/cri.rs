@@ -18,7 +18,7 @@ use husk_tests::containerd::{
 };
 use husk_tests::cri::v1::{
     ContainerStatsRequest, DnsConfig, ExecSyncRequest, LinuxContainerConfig,
-    LinuxContainerResources, ListPodSandboxRequest, NamespaceMode, PodSandboxState,
+    LinuxContainerResources, ListPodSandboxRequest, Mount, NamespaceMode, PodSandboxState,
     PodSandboxStatusRequest, RemoveContainerRequest, StopContainerRequest, UInt64Value,
     UpdateContainerResourcesRequest, VersionRequest,
 };
@@ -140,18 +140,50 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         );
     }
 
-    let mut create_and_start = |name: &str, script: &str| -> String {
-        cri.create_and_start(&pod_id, &pod, container_config(name, script))
+    // Volumes as the kubelet mounts them: an emptyDir (a host directory) in both containers,
+    // and a read-only configMap file in c1.
+    let empty_dir = cd.dir().join("empty-dir");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    let config_file = cd.dir().join("app.conf");
+    std::fs::write(&config_file, "answer=42\n").unwrap();
+    let volume = |container_path: &str, host_path: &Path, readonly: bool| Mount {
+        container_path: container_path.into(),
+        host_path: host_path.display().to_string(),
+        readonly,
+        ..Default::default()
+    };
+    let mut create_and_start = |name: &str, script: &str, mounts: Vec<Mount>| -> String {
+        let mut config = container_config(name, script);
+        config.mounts = mounts;
+        cri.create_and_start(&pod_id, &pod, config)
             .unwrap_or_else(|e| panic!("{name}: {e}\n{}", cd.log()))
     };
-    // c1 serves its /etc over HTTP on port 8080 (on the pod's address when it has one).
+    // c1 serves its /etc over HTTP on port 8080 (on the pod's address when it has one), after
+    // leaving a note in the shared volume.
     let c1 = create_and_start(
         "c1",
-        "echo hello-from-c1; echo to-stderr >&2; exec httpd -f -p 8080 -h /etc",
+        "echo hello-from-c1; echo to-stderr >&2; echo note-from-c1 > /data/note; \
+         exec httpd -f -p 8080 -h /etc",
+        vec![
+            volume("/data", &empty_dir, false),
+            volume("/etc/app/app.conf", &config_file, true),
+        ],
     );
-    let c2 = create_and_start("c2", "echo c2 on $(hostname); exit 3");
+    // c2 reads c1's note through the shared volume.
+    let c2 = create_and_start(
+        "c2",
+        "until [ -s /data/note ]; do sleep 0.1; done; cat /data/note; \
+         echo c2 on $(hostname); exit 3",
+        vec![volume("/data", &empty_dir, false)],
+    );
     wait_for_log(&logs.join("c1.log"), "stdout", "hello-from-c1", &cd);
     wait_for_log(&logs.join("c1.log"), "stderr", "to-stderr", &cd);
+    wait_for_log(&logs.join("c2.log"), "stdout", "note-from-c1", &cd);
+    assert_eq!(
+        std::fs::read_to_string(empty_dir.join("note")).unwrap(),
+        "note-from-c1\n",
+        "the volume on the host"
+    );
     if pod_net {
         wait_for_log(&logs.join("c2.log"), "stdout", "c2 on husk-pod", &cd);
     }
@@ -200,6 +232,20 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     if pod_net {
         assert!(out.trim_end().ends_with("husk-pod"), "pod hostname: {out}");
     }
+
+    // The configMap file: readable, not writable.
+    let (code, out, err) = exec_sync(
+        &mut cri,
+        &c1,
+        "cat /etc/app/app.conf; echo changed > /etc/app/app.conf",
+        &cd,
+    );
+    assert_eq!(out, "answer=42\n", "{err}");
+    assert_ne!(code, 0, "a read-only volume was written: {err}");
+    assert_eq!(
+        std::fs::read_to_string(&config_file).unwrap(),
+        "answer=42\n"
+    );
 
     // ContainerStats (what `kubectl top` and the kubelet's eviction read): the cgroup v2
     // metrics from inside the VM, decoded by containerd's CRI plugin.
