@@ -17,10 +17,10 @@ use husk_tests::containerd::{
     skip_reason, Containerd, CNI_BIN_DIR, CRI_SUBNET6_PREFIX, CRI_SUBNET_PREFIX,
 };
 use husk_tests::cri::v1::{
-    ContainerStatsRequest, DnsConfig, ExecSyncRequest, LinuxContainerConfig,
-    LinuxContainerResources, ListPodSandboxRequest, Mount, NamespaceMode, PodSandboxState,
-    PodSandboxStatusRequest, RemoveContainerRequest, StopContainerRequest, UInt64Value,
-    UpdateContainerResourcesRequest, VersionRequest,
+    ContainerStatsRequest, DnsConfig, ExecSyncRequest, Int64Value, LinuxContainerConfig,
+    LinuxContainerResources, LinuxContainerSecurityContext, ListPodSandboxRequest, Mount,
+    NamespaceMode, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
+    StopContainerRequest, UInt64Value, UpdateContainerResourcesRequest, VersionRequest,
 };
 use husk_tests::cri::{container_config, pod_config, wait_for_log_line, Cri, RemovePodOnPanic};
 use husk_tests::{cri_call, http_get};
@@ -155,6 +155,17 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     let mut create_and_start = |name: &str, script: &str, mounts: Vec<Mount>| -> String {
         let mut config = container_config(name, script);
         config.mounts = mounts;
+        if name == "c2" {
+            // runAsUser / runAsGroup.
+            config.linux = Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    run_as_user: Some(Int64Value { value: 1000 }),
+                    run_as_group: Some(Int64Value { value: 1000 }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
         cri.create_and_start(&pod_id, &pod, config)
             .unwrap_or_else(|e| panic!("{name}: {e}\n{}", cd.log()))
     };
@@ -169,16 +180,17 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
             volume("/etc/app/app.conf", &config_file, true),
         ],
     );
-    // c2 reads c1's note through the shared volume.
+    // c2, as user 1000 and group 1000, reads c1's note through the shared volume.
     let c2 = create_and_start(
         "c2",
         "until [ -s /data/note ]; do sleep 0.1; done; cat /data/note; \
-         echo c2 on $(hostname); exit 3",
+         echo user=$(id -u):$(id -g); echo c2 on $(hostname); exit 3",
         vec![volume("/data", &empty_dir, false)],
     );
     wait_for_log(&logs.join("c1.log"), "stdout", "hello-from-c1", &cd);
     wait_for_log(&logs.join("c1.log"), "stderr", "to-stderr", &cd);
     wait_for_log(&logs.join("c2.log"), "stdout", "note-from-c1", &cd);
+    wait_for_log(&logs.join("c2.log"), "stdout", "user=1000:1000", &cd);
     assert_eq!(
         std::fs::read_to_string(empty_dir.join("note")).unwrap(),
         "note-from-c1\n",
@@ -232,6 +244,11 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     if pod_net {
         assert!(out.trim_end().ends_with("husk-pod"), "pod hostname: {out}");
     }
+
+    // c1 runs with CRI's default capabilities (the bounding set runc gets from containerd:
+    // no CAP_SYS_ADMIN, CAP_NET_ADMIN, ...), not all of them.
+    let (_, out, _) = exec_sync(&mut cri, &c1, "grep CapBnd /proc/self/status", &cd);
+    assert_eq!(out.trim(), "CapBnd:\t00000000a80425fb", "c1's capabilities");
 
     // The configMap file: readable, not writable.
     let (code, out, err) = exec_sync(
