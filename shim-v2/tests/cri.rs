@@ -213,6 +213,18 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     // c2 ended with its own exit code.
     let c2_status = cri.wait_exited(&c2, Duration::from_secs(60));
     assert_eq!(c2_status.exit_code, 3, "{c2_status:?}");
+    // The kubelet restarts it (restartPolicy: Always): a new container of the same name,
+    // attempt 1, in the same pod and VM.
+    let mut again = container_config("c2", "echo restarted");
+    again.metadata.as_mut().unwrap().attempt = 1;
+    again.log_path = "c2-1.log".into();
+    let c2_again = cri
+        .create_and_start(&pod_id, &pod, again)
+        .unwrap_or_else(|e| panic!("c2 attempt 1: {e}\n{}", cd.log()));
+    wait_for_log(&logs.join("c2-1.log"), "stdout", "restarted", &cd);
+    let again_status = cri.wait_exited(&c2_again, Duration::from_secs(60));
+    assert_eq!(again_status.exit_code, 0, "{again_status:?}");
+    assert_eq!(qemus(&cd).len(), 1, "still one VM");
 
     // ExecSync: the kubelet's exec probes and `kubectl exec` without a tty.
     assert_eq!(
