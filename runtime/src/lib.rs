@@ -12,6 +12,7 @@ pub mod config;
 pub mod container;
 pub mod error;
 pub mod host;
+pub mod host_cgroup;
 pub mod hypervisor;
 pub mod kernel_cmdline;
 pub mod network;

@@ -1,6 +1,7 @@
 //! The `delete` action: what containerd runs after a shim is gone (also
 //! after a crash): unmount the bundle's rootfs, and for the sandbox's own
-//! id, kill what is left of the VM and remove its state directory.
+//! id, kill what is left of the VM and remove its state directory and host
+//! cgroup.
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,10 @@ pub fn cleanup(id: &str, bundle: &Path, run_root: &Path) {
         return;
     }
     husk_runtime::remains::remove_sandbox_remains(&run_root.join(id));
+    // The VM's processes are gone: its host cgroup can go too.
+    if let Ok(Some(path)) = crate::config::cgroups_path(bundle) {
+        husk_runtime::host_cgroup::HostCgroup::remove(&path);
+    }
 }
 
 #[cfg(test)]

@@ -299,6 +299,13 @@ pub fn sandbox_config(path: &Path, required: bool, bundle: &Path) -> Result<(Run
     Ok((cfg, file.debug_console == Some(true)))
 }
 
+/// The bundle's `linux.cgroupsPath`, where the sandbox's host processes
+/// go (see [`husk_runtime::host_cgroup`]); None when unset or empty.
+pub fn cgroups_path(bundle: &Path) -> Result<Option<String>> {
+    let spec = husk_runtime::bundle::load_spec(bundle)?;
+    Ok(husk_runtime::host_cgroup::cgroups_path_of(&spec))
+}
+
 /// The file in a bundle that records the ConfigPath `start` was given,
 /// for `delete` (which containerd runs without options).
 pub const BUNDLE_RECORD: &str = "husk-config-path";

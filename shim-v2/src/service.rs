@@ -24,6 +24,7 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{EnumOrUnknown, MessageField};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal};
+use husk_runtime::host_cgroup::HostCgroup;
 use husk_runtime::{Sandbox, Stdio};
 
 use crate::error::{Result, ShimError};
@@ -64,6 +65,9 @@ struct Inner {
     publisher: RemotePublisher,
     owner: SandboxOwner,
     sandbox: Mutex<Option<Sandbox>>,
+    /// The host cgroup this shim and its VM joined (the sandbox
+    /// container's `linux.cgroupsPath`), left when the sandbox stops.
+    host_cgroup: Mutex<Option<HostCgroup>>,
     /// The config file to read when the sandbox starts, and whether it
     /// must exist.
     config: Mutex<(PathBuf, bool)>,
@@ -116,6 +120,7 @@ impl TaskService {
                 publisher,
                 owner: SandboxOwner::spawn()?,
                 sandbox: Mutex::new(None),
+                host_cgroup: Mutex::new(None),
                 config: Mutex::new(crate::config::config_path(
                     None,
                     std::env::var(crate::config::CONFIG_ENV).ok(),
@@ -155,6 +160,12 @@ impl Inner {
         lock(&self.sandbox)
             .as_mut()
             .is_some_and(|sb| matches!(sb.try_exit(), Ok(Some(_)) | Err(_)))
+    }
+
+    /// Moves this shim back to its own cgroup and removes the sandbox's
+    /// (the VM's processes are gone by then).
+    fn leave_host_cgroup(&self) {
+        drop(lock(&self.host_cgroup).take());
     }
 
     /// The interesting end of the guest console log.
@@ -249,7 +260,17 @@ impl Inner {
             path,
             cfg.run_root
         );
-        let started = self.owner.start(cfg, &self.sandbox_id)?;
+        // The VM's host processes go where runc would put the sandbox
+        // container's: the kubelet's pod cgroup covers the whole VM.
+        let cgroups_path = crate::config::cgroups_path(bundle)?;
+        if let Some(path) = &cgroups_path {
+            let cg = HostCgroup::join(path)?;
+            log::info!("joined host cgroup {:?}", cg.leaves());
+            *lock(&self.host_cgroup) = Some(cg);
+        }
+        let started = self.owner.start(cfg, &self.sandbox_id).inspect_err(|_| {
+            self.leave_host_cgroup();
+        })?;
         log::info!(
             "sandbox {} ready in {} ms on {:?}",
             self.sandbox_id,
@@ -666,6 +687,7 @@ impl Inner {
                 Err(e) => log::warn!("stopping sandbox {}: {e}", self.sandbox_id),
             }
         }
+        self.leave_host_cgroup();
         // The crate removes the socket only if the first container's
         // bundle still has its `address` file; containerd may have removed
         // that bundle already. Connections open now keep working.

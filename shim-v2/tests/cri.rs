@@ -23,7 +23,7 @@ use husk_tests::cri::v1::{
     StopContainerRequest, UInt64Value, UpdateContainerResourcesRequest, VersionRequest,
 };
 use husk_tests::cri::{container_config, pod_config, wait_for_log_line, Cri, RemovePodOnPanic};
-use husk_tests::{cri_call, http_get};
+use husk_tests::{cgroup_dirs, cgroups_of, cri_call, http_get};
 
 /// The runtime handler (containerd's `runtimes.husk`, a RuntimeClass's `handler`).
 const HANDLER: &str = "husk";
@@ -97,6 +97,17 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     // (1.5 CPUs, 128 MiB) in the pod's config, containerd annotates the sandbox container with
     // them, and the VM is sized to hold them.
     let limits = !pod_net;
+    // The kubelet's pod cgroup (cgroupfs driver): containerd puts the sandbox container at
+    // <parent>/<pod id>, and husk puts the VM's host processes there.
+    let cgroup_parent = format!(
+        "/husk-test-pods/{}",
+        cd.dir()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches('.')
+    );
+    pod.linux.as_mut().unwrap().cgroup_parent = cgroup_parent.clone();
     if limits {
         pod.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
             cpu_period: 100_000,
@@ -200,9 +211,15 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
         wait_for_log(&logs.join("c2.log"), "stdout", "c2 on husk-pod", &cd);
     }
 
-    // The pause container and both containers: one VM.
+    // The pause container and both containers: one VM, in the pod's cgroup.
     let vms = qemus(&cd);
     assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
+    let pod_cgroup = format!("{cgroup_parent}/{pod_id}");
+    let cgroups = cgroups_of(vms[0].0);
+    assert!(
+        !cgroups.is_empty() && cgroups.iter().all(|c| c.ends_with(&pod_cgroup)),
+        "QEMU's cgroups {cgroups:?}, not {pod_cgroup}"
+    );
     let expected = if limits { ("2", "384M") } else { ("1", "256M") };
     assert_eq!(
         qemu_size(&vms[0].1),
@@ -394,6 +411,15 @@ fn pod_with_two_containers(test: &str, network: NamespaceMode) {
     }
     cri.stop_and_remove_pod(&pod_id)
         .unwrap_or_else(|e| panic!("{e}\n{}", cd.log()));
+    let left = cgroup_dirs(&pod_cgroup);
+    assert!(left.is_empty(), "the pod's cgroups are left: {left:?}");
+    // The pod cgroups themselves are the kubelet's to remove.
+    for dir in cgroup_dirs(&cgroup_parent) {
+        std::fs::remove_dir(&dir).unwrap_or_else(|e| panic!("removing {dir:?}: {e}"));
+    }
+    for dir in cgroup_dirs("/husk-test-pods") {
+        let _ = std::fs::remove_dir(&dir); // another test's pod may still be in it
+    }
     let pods = cri_call!(cri, list_pod_sandbox, ListPodSandboxRequest::default())
         .unwrap()
         .items;

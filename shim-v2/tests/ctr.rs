@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{containerd_with_busybox, finish, qemu_size, qemus};
 use husk_tests::containerd::{skip_reason, Containerd, Events};
-use husk_tests::processes_mentioning;
+use husk_tests::{cgroup_dirs, cgroups_of, processes_mentioning};
 
 mod common;
 
@@ -72,6 +72,15 @@ fn ctr_run_rm_output_and_exit_codes() {
     // A detached container: exec, pause/resume, metrics, kill, delete.
     let out = cd.run_detached("d1", &["sleep", "1000"]);
     assert!(out.status.success(), "ctr run -d: {out:?}");
+    // The VM's host processes are in the container's cgroup (ctr's
+    // cgroupsPath: /<namespace>/<id>), in every hierarchy, as runc's are.
+    let vms = qemus(&cd);
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    let cgroups = cgroups_of(vms[0].0);
+    assert!(
+        !cgroups.is_empty() && cgroups.iter().all(|c| c.ends_with("/husk-test/d1")),
+        "QEMU's cgroups: {cgroups:?}"
+    );
     let exec = |id: &str, args: &[&str]| cd.exec("d1", id, args, b"\n");
     let (code, out, err) = exec("e1", &["echo", "hi"]);
     assert_eq!((code, out.as_str()), (0, "hi\n"), "exec: {err}");
@@ -98,6 +107,8 @@ fn ctr_run_rm_output_and_exit_codes() {
     }
     assert!(cd.ctr(&["task", "rm", "d1"]).status.success());
     assert!(cd.ctr(&["containers", "rm", "d1"]).status.success());
+    let left = cgroup_dirs("/husk-test/d1");
+    assert!(left.is_empty(), "d1's cgroups are left: {left:?}");
 
     // Crash safety: SIGKILL the shim of a running container; the VM dies
     // with it (PDEATHSIG) and containerd's `delete` cleans up the rest.
@@ -123,6 +134,11 @@ fn ctr_run_rm_output_and_exit_codes() {
     // containerd's `delete` of the dead shim removed its socket too.
     let sock = common::shim_socket(&cd, "k1");
     assert!(!sock.exists(), "the killed shim's socket {sock:?} is left");
+    let left = cgroup_dirs("/husk-test/k1");
+    assert!(
+        left.is_empty(),
+        "the killed shim's cgroups are left: {left:?}"
+    );
     finish(cd);
 }
 

@@ -111,6 +111,33 @@ pub fn script_initramfs(dir: &Path, name: &str, script: &str) -> PathBuf {
     out
 }
 
+/// The cgroup paths of process `pid`, one per hierarchy (the last field of
+/// each `/proc/<pid>/cgroup` line).
+pub fn cgroups_of(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2).map(str::to_string))
+        .collect()
+}
+
+/// The directories of cgroup `path` (cgroupfs form, e.g. `/husk-test/c1`)
+/// that exist, in every mounted cgroup hierarchy.
+pub fn cgroup_dirs(path: &str) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            let mount = left.split(' ').nth(4)?;
+            matches!(fstype, "cgroup" | "cgroup2")
+                .then(|| Path::new(mount).join(path.trim_start_matches('/')))
+        })
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
 /// Host processes whose command line mentions `needle` (e.g. a run root).
 pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     let mut found = Vec::new();

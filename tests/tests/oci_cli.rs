@@ -262,7 +262,19 @@ fn husk_pid_relays_stdio_and_exit_status() {
         return;
     };
     let script = "echo out; echo err >&2; read x; echo got $x; exit 3";
-    let bundle = busybox_bundle(dir.path(), "b", &["sh", "-c", script], false, |_| {});
+    // In a systemd-style cgroup (podman's systemd cgroup manager), left when
+    // the container ends.
+    let unit = dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_start_matches('.')
+        .to_string();
+    let bundle = busybox_bundle(dir.path(), "b", &["sh", "-c", script], false, |c| {
+        c["linux"]["cgroupsPath"] = serde_json::json!(format!("husktest.slice:husk:{unit}"));
+    });
+    let scope = format!("/husktest.slice/husk-{unit}.scope");
     std::fs::write(dir.path().join("in"), "line\n").unwrap();
     let pid_file = dir.path().join("pid");
     let st = rt
@@ -281,12 +293,22 @@ fn husk_pid_relays_stdio_and_exit_status() {
     );
     let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
     assert_eq!(rt.state("io1")["pid"], pid);
+    let cgroups = husk_tests::cgroups_of(pid as u32);
+    assert!(
+        !cgroups.is_empty() && cgroups.iter().all(|c| c.ends_with(&scope)),
+        "the monitor's cgroups {cgroups:?}, not {scope}"
+    );
     assert!(rt.run(&["start", "io1"]).status.success());
     assert_eq!(
         wait_pid(pid),
         3,
         "the monitor exits with the container's status"
     );
+    let left = husk_tests::cgroup_dirs(&scope);
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+    for d in husk_tests::cgroup_dirs("/husktest.slice") {
+        let _ = std::fs::remove_dir(d);
+    }
     let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
     assert_eq!(read("out"), "out\ngot line\n");
     assert_eq!(read("err"), "err\n");
@@ -418,9 +440,26 @@ fn husk_cleans_up_after_its_monitor_is_killed() {
     let Some((dir, rt)) = husk_in_tempdir(true) else {
         return;
     };
-    let bundle = busybox_bundle(dir.path(), "b", &["sleep", "1000"], false, |_| {});
+    // The bundle names a cgroup, as podman's do: the monitor (and so the VM)
+    // lives there; after the crash `delete -f` removes it.
+    let cgroup = format!(
+        "/husk-oci-test/{}",
+        dir.path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches('.')
+    );
+    let bundle = busybox_bundle(dir.path(), "b", &["sleep", "1000"], false, |c| {
+        c["linux"]["cgroupsPath"] = serde_json::json!(cgroup);
+    });
     let pid = rt.create(dir.path(), &bundle, "crash1", &[]);
     assert!(rt.run(&["start", "crash1"]).status.success());
+    let cgroups = husk_tests::cgroups_of(pid as u32);
+    assert!(
+        !cgroups.is_empty() && cgroups.iter().all(|c| c.ends_with(&cgroup)),
+        "the monitor's cgroups {cgroups:?}, not {cgroup}"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -431,6 +470,11 @@ fn husk_cleans_up_after_its_monitor_is_killed() {
     let o = rt.run(&["delete", "-f", "crash1"]);
     assert!(o.status.success(), "{o:?}");
     assert_clean(&rt, dir.path());
+    let left = husk_tests::cgroup_dirs(&cgroup);
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+    for d in husk_tests::cgroup_dirs("/husk-oci-test") {
+        let _ = std::fs::remove_dir(d); // another test's may still be in use
+    }
 }
 
 #[test]
@@ -453,6 +497,13 @@ fn husk_bad_input_fails_with_exit_1_and_leaves_nothing() {
     let bundle = busybox_bundle(dir.path(), "b", &["/no/such/binary"], false, |_| {});
     let o = rt.run(&["create", "-b", bundle.to_str().unwrap(), "bad3"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
+    // A cgroupsPath that climbs out of the hierarchy: refused, naming it.
+    let climb = busybox_bundle(dir.path(), "c", &["true"], false, |c| {
+        c["linux"]["cgroupsPath"] = serde_json::json!("/husk-oci-test/../../etc");
+    });
+    let o = rt.run(&["create", "-b", climb.to_str().unwrap(), "bad5"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(stderr_of(&o).contains("cgroupsPath"), "{}", stderr_of(&o));
     // Bad ids, terminal without console socket, unknown flags and commands.
     let o = rt.run(&["create", "-b", bundle.to_str().unwrap(), "../x"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");

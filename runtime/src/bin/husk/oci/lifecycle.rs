@@ -300,6 +300,13 @@ pub fn delete(g: &Global, id: &str, force: bool) -> Result<i32> {
         }
     }
     husk_runtime::remains::remove_sandbox_remains(&r.sandbox_dir);
+    // A monitor that was killed left its (now empty) host cgroup.
+    if let Some(path) = husk_runtime::bundle::load_spec(&r.bundle)
+        .ok()
+        .and_then(|s| husk_runtime::host_cgroup::cgroups_path_of(&s))
+    {
+        husk_runtime::host_cgroup::HostCgroup::remove(&path);
+    }
     root.remove(id)?;
     Ok(0)
 }

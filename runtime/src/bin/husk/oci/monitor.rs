@@ -94,6 +94,12 @@ fn monitor(g: &Global, a: &MonitorArgs, sync: &mut Option<std::fs::File>) -> Res
     cfg.network_namespace = serde_json::to_value(&spec)
         .ok()
         .and_then(|v| husk_runtime::network::netns_of_spec(&v));
+    // The VM's host processes go into the container's cgroup, as runc's
+    // processes would: the caller's limits and stats (podman's) cover the
+    // VM. Left (and removed) when this function returns, after the VM.
+    let _cgroup = husk_runtime::host_cgroup::cgroups_path_of(&spec)
+        .map(|p| husk_runtime::host_cgroup::HostCgroup::join(&p))
+        .transpose()?;
     let host = HostProbe::detect();
     let sb = Sandbox::start(&cfg, &host, &a.sandbox_id)?;
     sb.create_container(&a.id, &a.bundle, stdio)?;
