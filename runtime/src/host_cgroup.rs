@@ -200,34 +200,23 @@ impl HostCgroup {
     /// removed.
     pub fn join(cgroups_path: &str) -> Result<HostCgroup> {
         let pid = std::process::id();
-        let io = |context: String| move |source| Error::Io { context, source };
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(io("reading /proc/self/mountinfo".into()))?;
-        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .map_err(io(format!("reading /proc/{pid}/cgroup")))?;
-        let own = own_cgroups(&own);
         let mut cg = HostCgroup {
             leaves: Vec::new(),
             before: Vec::new(),
         };
-        for h in hierarchies(&mountinfo) {
-            let Some((_, own_path)) = own.iter().find(|(c, _)| *c == h.controllers) else {
-                continue; // not a hierarchy of this process's view
-            };
-            let leaf_rel = resolve(cgroups_path, own_path)?;
-            let leaf = h
-                .mount
-                .join(leaf_rel.strip_prefix("/").unwrap_or(&leaf_rel));
-            let before = h.mount.join(own_path.trim_start_matches('/'));
-            let joined = create(&h, &leaf)
-                .and_then(|()| write_pid(&leaf, pid))
-                .map_err(io(format!("joining cgroup {leaf:?} (linux.cgroupsPath)")));
+        for p in placements(cgroups_path)? {
+            let joined = create(&p.hierarchy, &p.leaf)
+                .and_then(|()| write_pid(&p.leaf, pid))
+                .map_err(|source| Error::Io {
+                    context: format!("joining cgroup {:?} (linux.cgroupsPath)", p.leaf),
+                    source,
+                });
             if let Err(e) = joined {
-                let _ = std::fs::remove_dir(&leaf);
+                let _ = std::fs::remove_dir(&p.leaf);
                 return Err(e); // dropping `cg` leaves what was joined
             }
-            cg.leaves.push(leaf);
-            cg.before.push(before);
+            cg.leaves.push(p.leaf);
+            cg.before.push(p.before);
         }
         Ok(cg)
     }
@@ -240,22 +229,44 @@ impl HostCgroup {
     /// Removes the leaves of `cgroups_path` in every hierarchy, for a
     /// sandbox whose processes are gone (after a crash: `delete`).
     pub fn remove(cgroups_path: &str) {
-        let (Ok(mountinfo), Ok(own)) = (
-            std::fs::read_to_string("/proc/self/mountinfo"),
-            std::fs::read_to_string("/proc/self/cgroup"),
-        ) else {
-            return;
-        };
-        let own = own_cgroups(&own);
-        for h in hierarchies(&mountinfo) {
-            let Some((_, own_path)) = own.iter().find(|(c, _)| *c == h.controllers) else {
-                continue;
-            };
-            if let Ok(rel) = resolve(cgroups_path, own_path) {
-                remove_leaf(&h.mount.join(rel.strip_prefix("/").unwrap_or(&rel)));
-            }
+        for p in placements(cgroups_path).unwrap_or_default() {
+            remove_leaf(&p.leaf);
         }
     }
+}
+
+/// Where `cgroups_path` puts this process in one hierarchy.
+struct Placement {
+    hierarchy: Hierarchy,
+    /// The leaf cgroup's directory.
+    leaf: PathBuf,
+    /// This process's cgroup there now.
+    before: PathBuf,
+}
+
+/// The placements of `cgroups_path` in every mounted hierarchy this
+/// process is in (from `/proc/self/mountinfo` and `/proc/self/cgroup`).
+fn placements(cgroups_path: &str) -> Result<Vec<Placement>> {
+    let read = |path: &str| {
+        std::fs::read_to_string(path).map_err(|source| Error::Io {
+            context: format!("reading {path}"),
+            source,
+        })
+    };
+    let own = own_cgroups(&read("/proc/self/cgroup")?);
+    let mut out = Vec::new();
+    for h in hierarchies(&read("/proc/self/mountinfo")?) {
+        let Some((_, own_path)) = own.iter().find(|(c, _)| *c == h.controllers) else {
+            continue; // not a hierarchy of this process's view
+        };
+        let rel = resolve(cgroups_path, own_path)?;
+        out.push(Placement {
+            leaf: h.mount.join(rel.strip_prefix("/").unwrap_or(&rel)),
+            before: h.mount.join(own_path.trim_start_matches('/')),
+            hierarchy: h,
+        });
+    }
+    Ok(out)
 }
 
 /// Creates `leaf` and its missing parents; in a v1 cpuset hierarchy each new
