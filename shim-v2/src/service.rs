@@ -168,6 +168,20 @@ impl Inner {
         drop(lock(&self.host_cgroup).take());
     }
 
+    /// Whether the sandbox VM has ended, or ends within `grace`.
+    fn vm_gone_within(&self, grace: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            if self.vm_gone() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// The interesting end of the guest console log.
     fn console_tail(&self) -> String {
         lock(&self.sandbox)
@@ -429,7 +443,9 @@ impl Inner {
         // the status unknown: 255, containerd's UnknownExitStatus.
         let (status, vm_gone) = match status {
             Ok(s) => (u32::try_from(s).unwrap_or(255), false),
-            Err(e) if self.vm_gone() => {
+            // A killed VMM closes its sockets (breaking this wait) a moment
+            // before it can be reaped: give it that moment.
+            Err(e) if self.vm_gone_within(std::time::Duration::from_secs(2)) => {
                 log::error!(
                     "{id}/{exec_id}: the sandbox VM has ended: {e}; its console:\n{}",
                     self.console_tail()
